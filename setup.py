@@ -1,0 +1,42 @@
+"""adapter-jax: Houlsby et al. (2019) adapters for BERT in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="adapter-jax",
+    version="0.1.0",
+    description="Parameter-efficient transfer learning for NLP (Houlsby et al., 2019) in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["adapter_jax", "adapter_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10.0",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "ml_collections>=0.1.1",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "safetensors>=0.4",
+        "transformers>=4.40",  # tokenizers only; the model is ours
+        "tokenizers>=0.19",
+        "huggingface_hub>=0.23",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        # torch is pinned to the CPU build: a plain `torch` requirement pulls a multi-GB CUDA build.
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0",
+            "scikit-learn>=1.4",
+            "scipy>=1.11",
+            "hypothesis>=6.100",
+        ],
+        "tfds": ["tensorflow-datasets>=4.9.7"],
+        "tpu": ["jax[tpu]"],
+        "report": ["matplotlib>=3.8"],
+    },
+    entry_points={"console_scripts": ["adapter-jax=adapter_jax.main:run"]},
+)
