@@ -1,0 +1,305 @@
+"""BERT in Flax linen, with Houlsby bottleneck adapters, in Hugging Face's parameter layout.
+
+Module names mirror HF's `BertModel` so a checkpoint maps onto the params tree by renaming
+alone (see weights.py), e.g. HF `encoder.layer.3.attention.self.query.weight` is
+`encoder/layer_3/attention/self/query/kernel` here (transposed).
+
+Parameters are always float32; `dtype` is the computation dtype (bfloat16 on TPU). Softmax
+and LayerNorm run in float32 whatever `dtype` is.
+"""
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from adapter_jax import errors
+from adapter_jax.adapters import Adapter, AdapterConfig
+
+# Config keys HF writes that this implementation requires to have one value.
+_REQUIRED_HF_VALUES = {"hidden_act": "gelu", "position_embedding_type": "absolute"}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """BERT's architecture hyperparameters, named as in HF's config.json."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise errors.ConfigError(
+                f"hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+
+    @classmethod
+    def base(cls) -> "BertConfig":
+        """bert-base-uncased."""
+        return cls()
+
+    @classmethod
+    def large(cls) -> "BertConfig":
+        """bert-large-uncased."""
+        return cls(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BertConfig":
+        """From an HF config.json dict; keys this model has no use for are ignored."""
+        for key, required in _REQUIRED_HF_VALUES.items():
+            if d.get(key, required) != required:
+                raise errors.WeightsError(
+                    f"config key {key!r} is {d[key]!r}; only {required!r} is supported"
+                )
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in d.items() if key in names})
+
+    @classmethod
+    def from_json_file(cls, path: str | pathlib.Path) -> "BertConfig":
+        """From an HF config.json file."""
+        try:
+            d = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise errors.WeightsError(f"cannot read BERT config {path}: {e}") from e
+        if not isinstance(d, dict):
+            raise errors.WeightsError(f"BERT config {path} is not a JSON object")
+        try:
+            return cls.from_dict(d)
+        except errors.WeightsError as e:
+            raise errors.WeightsError(f"{path}: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _dense(features: int, config: BertConfig, dtype: jnp.dtype, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        kernel_init=jax.nn.initializers.normal(config.initializer_range),
+        bias_init=jax.nn.initializers.zeros,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def _layer_norm(x: jax.Array, config: BertConfig, dtype: jnp.dtype) -> jax.Array:
+    """LayerNorm named "LayerNorm" (HF's name) computed in float32, returned in `dtype`."""
+    y = nn.LayerNorm(
+        epsilon=config.layer_norm_eps, dtype=jnp.float32, param_dtype=jnp.float32, name="LayerNorm"
+    )(x.astype(jnp.float32))
+    return y.astype(dtype)
+
+
+class BertEmbeddings(nn.Module):
+    config: BertConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, *, deterministic: bool) -> jax.Array:
+        config = self.config
+
+        def embed(num: int, name: str) -> nn.Embed:
+            return nn.Embed(
+                num,
+                config.hidden_size,
+                embedding_init=jax.nn.initializers.normal(config.initializer_range),
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name=name,
+            )
+
+        positions = jnp.arange(input_ids.shape[-1])[None, :]
+        x = (
+            embed(config.vocab_size, "word_embeddings")(input_ids)
+            + embed(config.max_position_embeddings, "position_embeddings")(positions)
+            + embed(config.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        )
+        x = _layer_norm(x, config, self.dtype)
+        return nn.Dropout(config.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+class BertSelfAttention(nn.Module):
+    config: BertConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, attention_bias: jax.Array, *, deterministic: bool) -> jax.Array:
+        config = self.config
+        heads = config.num_attention_heads
+        head_dim = config.hidden_size // heads
+
+        def project(name: str) -> jax.Array:
+            # [B, L, d] -> [B, L, heads, head_dim]
+            y = _dense(config.hidden_size, config, self.dtype, name)(x)
+            return y.reshape(*y.shape[:-1], heads, head_dim)
+
+        query, key, value = project("query"), project("key"), project("value")
+        scores = jnp.einsum("bqhc,bkhc->bhqk", query, key).astype(jnp.float32)
+        scores = scores / jnp.sqrt(jnp.float32(head_dim)) + attention_bias
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        probs = nn.Dropout(config.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        context = jnp.einsum("bhqk,bkhc->bqhc", probs, value)
+        return context.reshape(*context.shape[:-2], config.hidden_size)
+
+
+class BertOutput(nn.Module):
+    """dense -> dropout -> [adapter] -> LayerNorm(. + residual).
+
+    Closes both sublayers of a Transformer layer (HF's BertSelfOutput and BertOutput); the
+    adapter sits where the paper puts it, on the sublayer's output before the residual.
+    """
+
+    config: BertConfig
+    adapter: AdapterConfig | None = None  # None: this site has no adapter
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, residual: jax.Array, *, deterministic: bool) -> jax.Array:
+        config = self.config
+        x = _dense(config.hidden_size, config, self.dtype, "dense")(x)
+        x = nn.Dropout(config.hidden_dropout_prob)(x, deterministic=deterministic)
+        if self.adapter is not None:
+            x = Adapter(self.adapter.size, self.adapter.init_std, dtype=self.dtype, name="adapter")(x)
+        return _layer_norm(x.astype(jnp.float32) + residual.astype(jnp.float32), config, self.dtype)
+
+
+class BertAttention(nn.Module):
+    config: BertConfig
+    adapter: AdapterConfig | None = None
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, attention_bias: jax.Array, *, deterministic: bool) -> jax.Array:
+        context = BertSelfAttention(self.config, self.dtype, name="self")(
+            x, attention_bias, deterministic=deterministic
+        )
+        return BertOutput(self.config, self.adapter, self.dtype, name="output")(
+            context, x, deterministic=deterministic
+        )
+
+
+class BertIntermediate(nn.Module):
+    config: BertConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = _dense(self.config.intermediate_size, self.config, self.dtype, "dense")(x)
+        # Exact (erf) GELU: jax.nn.gelu defaults to the tanh approximation, which BERT does not use.
+        return jax.nn.gelu(x, approximate=False)
+
+
+class BertLayer(nn.Module):
+    config: BertConfig
+    adapter: AdapterConfig
+    layer_index: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, attention_bias: jax.Array, *, deterministic: bool) -> jax.Array:
+        def site_adapter(site: str) -> AdapterConfig | None:
+            return self.adapter if self.adapter.active(self.layer_index, site) else None
+
+        x = BertAttention(self.config, site_adapter("attention"), self.dtype, name="attention")(
+            x, attention_bias, deterministic=deterministic
+        )
+        intermediate = BertIntermediate(self.config, self.dtype, name="intermediate")(x)
+        return BertOutput(self.config, site_adapter("output"), self.dtype, name="output")(
+            intermediate, x, deterministic=deterministic
+        )
+
+
+class BertEncoder(nn.Module):
+    config: BertConfig
+    adapter: AdapterConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, attention_bias: jax.Array, *, deterministic: bool) -> jax.Array:
+        for i in range(self.config.num_hidden_layers):
+            x = BertLayer(self.config, self.adapter, i, self.dtype, name=f"layer_{i}")(
+                x, attention_bias, deterministic=deterministic
+            )
+        return x
+
+
+class BertPooler(nn.Module):
+    """tanh(dense(hidden state of the first token, [CLS]))."""
+
+    config: BertConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.tanh(_dense(self.config.hidden_size, self.config, self.dtype, "dense")(x[:, 0]))
+
+
+class BertModel(nn.Module):
+    """BERT embeddings + encoder + pooler. Returns (sequence_output [B, L, d], pooled_output [B, d])."""
+
+    config: BertConfig
+    adapter: AdapterConfig = AdapterConfig(size=0)
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        token_type_ids: jax.Array,
+        attention_mask: jax.Array,
+        *,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, jax.Array]:
+        x = BertEmbeddings(self.config, self.dtype, name="embeddings")(
+            input_ids, token_type_ids, deterministic=deterministic
+        )
+        # attention_mask is 1 for tokens and 0 for padding. Padded keys get an additive large
+        # negative score so softmax gives them zero weight; an all-padding row stays finite
+        # (uniform) rather than NaN. Shape [B, heads=1, queries=1, L].
+        attention_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+        x = BertEncoder(self.config, self.adapter, self.dtype, name="encoder")(
+            x, attention_bias, deterministic=deterministic
+        )
+        return x, BertPooler(self.config, self.dtype, name="pooler")(x)
+
+
+class BertForSequenceClassification(nn.Module):
+    """BERT + dropout + a linear head on the pooled output. num_labels == 1 is regression (STS-B).
+
+    Returns float32 logits [B, num_labels] whatever the computation dtype.
+    """
+
+    config: BertConfig
+    adapter: AdapterConfig = AdapterConfig(size=0)
+    num_labels: int = 2
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        token_type_ids: jax.Array,
+        attention_mask: jax.Array,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        _, pooled = BertModel(self.config, self.adapter, self.dtype, name="bert")(
+            input_ids, token_type_ids, attention_mask, deterministic=deterministic
+        )
+        pooled = nn.Dropout(self.config.hidden_dropout_prob)(pooled, deterministic=deterministic)
+        return _dense(self.num_labels, self.config, jnp.float32, "classifier")(pooled.astype(jnp.float32))
