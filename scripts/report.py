@@ -1,0 +1,315 @@
+r"""Turns sweep results into the paper's Table 1 (ours beside the paper's rows), a per-run appendix and a plot.
+
+    python scripts/report.py --results=sweeps/rte/results.jsonl,sweeps/cola/results.jsonl --out_dir=docs/results
+
+writes `<out_dir>/report.md` and `<out_dir>/params_vs_score.png`; `--submission_dir` also gathers the selected
+runs' test predictions into a GLUE submission folder (zip its contents and upload them to gluebenchmark.com).
+
+Selection follows the paper: for each task and method, the run with the best dev score over the grid (learning
+rate, epochs, seeds and, for "adapters (best size)", the adapter size). Our scores are dev, the paper's are test.
+"""
+
+import argparse
+import collections
+import json
+import math
+import pathlib
+import re
+import shutil
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # No display on TPU VMs or CI.
+import matplotlib.pyplot as plt  # noqa: E402
+
+from adapter_jax import paper  # noqa: E402
+from adapter_jax.errors import DataError  # noqa: E402
+
+Run = dict[str, Any]
+Method = tuple[str, str]  # (source, method name)
+BestRuns = dict[Method, dict[str, Run]]  # method -> task -> its best run
+
+REQUIRED_KEYS = ("task", "mode", "score")
+OUR_SOURCE = "adapter-jax"
+BEST_SIZE = "adapters (best size)"
+PAPER_SOURCE = "paper (GLUE test)"
+NUM_GLUE_TASKS = 9  # The paper's "total params" counts one task-specific copy for each of the nine GLUE tasks.
+# How a dev_metrics key names MNLI's mismatched accuracy, e.g. "accuracy_mm", "mm/accuracy", "mismatched_acc".
+_MISMATCHED = re.compile(r"mismatched|(^|[^a-z])mm([^a-z]|$)")
+
+
+def load_results(paths: Iterable[str | pathlib.Path]) -> list[Run]:
+    """Every run in the given results.jsonl files, in file order; a malformed line raises DataError naming it."""
+    runs = []
+    for path in map(pathlib.Path, paths):
+        if not path.is_file():
+            raise DataError(f"results file not found: {path}")
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                run = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not JSON ({e.msg})") from e
+            missing = [key for key in REQUIRED_KEYS if key not in run]
+            if missing:
+                raise DataError(f"{path}:{lineno}: missing keys {missing}")
+            if not isinstance(run["score"], (int, float)) or not math.isfinite(run["score"]):
+                raise DataError(f"{path}:{lineno}: score must be a finite number, got {run['score']!r}")
+            runs.append(run)
+    return runs
+
+
+def method_of(run: Run) -> str:
+    """The run's method as the table names it, e.g. "adapters (size 64)", "top_k (k=3)", "full fine-tuning"."""
+    mode = run["mode"]
+    if mode == "adapters":
+        return f"adapters (size {run['adapter_size']})"
+    if mode == "full":
+        return "full fine-tuning"
+    if mode == "top_k":
+        return f"top_k (k={run['top_k']})"
+    return mode
+
+
+def column_scores(run: Run) -> dict[str, float]:
+    """The Table 1 columns this run fills, in percent. An MNLI run fills MNLI-m (its score) and MNLI-mm."""
+    task = run["task"].lower().replace("-", "_")
+    task = {"sst_2": "sst2", "sts_b": "stsb", "mnli_matched": "mnli_m", "mnli_mismatched": "mnli_mm"}.get(task, task)
+    if task != "mnli":
+        return {task: 100 * run["score"]} if task in paper.COLUMNS else {}
+    scores = {"mnli_m": 100 * run["score"]}
+    mismatched = [v for k, v in run.get("dev_metrics", {}).items() if _MISMATCHED.search(k.lower())]
+    if mismatched:
+        scores["mnli_mm"] = 100 * mismatched[0]
+    return scores
+
+
+def best_runs(runs: Iterable[Run]) -> BestRuns:
+    """For each (source, method) and task, the run with the best dev score; ties go to fewer trained params."""
+    best: BestRuns = collections.defaultdict(dict)
+    for run in runs:
+        source = run.get("source", OUR_SOURCE)
+        methods = [method_of(run)] + ([BEST_SIZE] if run["mode"] == "adapters" else [])
+        for method in methods:
+            current = best[source, method].get(run["task"])
+            if current is None or _rank(run) > _rank(current):
+                best[source, method][run["task"]] = run
+    return dict(best)
+
+
+def _rank(run: Run) -> tuple[float, float]:
+    return run["score"], -run.get("trainable_params", 0)
+
+
+def _method_order(method: Method) -> tuple:
+    source, name = method
+    family = next(i for i, prefix in enumerate(("full", BEST_SIZE, "adapters", "top_k", "")) if name.startswith(prefix))
+    return source != OUR_SOURCE, source, family, int(re.sub(r"\D", "", name) or 0), name
+
+
+class _Row:
+    """One table row or plot point: the paper's or ours, with scores per Table 1 column in percent."""
+
+    def __init__(self, label: str, source: str, fraction: float, scores: Mapping[str, float], total: float):
+        self.label, self.source, self.fraction, self.scores, self.total = label, source, fraction, scores, total
+
+    def mean(self, columns: Sequence[str]) -> float | None:
+        values = [self.scores[c] for c in columns if c in self.scores]
+        return statistics.fmean(values) if values else None
+
+
+def _rows(best: BestRuns) -> list[_Row]:
+    rows = [_Row(r.name, PAPER_SOURCE, r.trained_fraction, r.scores, r.total_params) for r in paper.TABLE_1]
+    for method in sorted(best, key=_method_order):
+        by_task = best[method]
+        scores = {c: s for run in by_task.values() for c, s in column_scores(run).items()}
+        fractions = [run["trainable_fraction"] for run in by_task.values() if "trainable_fraction" in run]
+        fraction = statistics.fmean(fractions) if fractions else math.nan
+        # The paper's convention: one shared base model (unless every task trains all of it) plus, for each of
+        # the nine GLUE tasks, the parameters it trains; we extrapolate our tasks' mean to nine.
+        total = NUM_GLUE_TASKS * fraction + (1.0 if fraction < 1 else 0.0)
+        rows.append(_Row(method[1], method[0], fraction, scores, total))
+    return rows
+
+
+def _our_columns(rows: Sequence[_Row]) -> list[str]:
+    """The columns our runs fill (all nine when there are none), so every row is averaged over the same ones."""
+    ours = {c for row in rows if row.source != PAPER_SOURCE for c in row.scores}
+    return [c for c in paper.COLUMNS if c in ours] or list(paper.COLUMNS)
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:{spec}}{suffix}"
+
+
+def _percent(fraction: float) -> str:
+    percent = 100 * fraction
+    return _fmt(percent, ".0f" if percent >= 10 else ".2g", "%")
+
+
+def _markdown(header: Sequence[str], body: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def render_table(best: BestRuns, runs: Sequence[Run] = ()) -> str:
+    """Markdown: Table 1 in the paper's layout with its rows beside ours, then every run in `runs`."""
+    rows = _rows(best)
+    avg_columns = _our_columns(rows)
+    avg_title = "Avg" if len(avg_columns) == len(paper.COLUMNS) else f"Avg ({len(avg_columns)} of 9 columns)"
+    header = ["Method", "Source", "Total params", "Trained params / task"]
+    header += [paper.COLUMN_TITLES[c] for c in paper.COLUMNS] + [avg_title]
+    body = []
+    for row in rows:
+        partial = any(c not in row.scores for c in avg_columns)
+        cells = [row.label, row.source, _fmt(row.total, ".1f", "x"), _percent(row.fraction)]
+        cells += [_fmt(row.scores.get(c), ".1f") for c in paper.COLUMNS]
+        cells.append(_fmt(row.mean(avg_columns), ".1f", " (partial)" if partial else ""))
+        body.append(cells)
+    glue_scores = ", ".join(f"{r.name} {r.glue_score}" for r in paper.TABLE_1)
+    parts = [
+        "## GLUE, BERT-large: Houlsby et al. (2019) Table 1 and ours",
+        _markdown(header, body),
+        f"Paper rows: GLUE test server, percent. Ours: dev set, best run per task and method. {avg_title} is the "
+        f"mean over the columns our runs fill, for every row alike; the paper's own \"Total\" (GLUE score, which "
+        f"also counts WNLI) is {glue_scores}. Total params for our rows: 1 shared base model + 9 x the mean "
+        f"trained fraction, the paper's convention for nine tasks. MRPC/QQP F1, STS-B Spearman, CoLA Matthews, "
+        f"accuracy elsewhere.",
+    ]
+    if runs:
+        parts += ["## Every run", _render_runs(best, runs)]
+    return "\n\n".join(parts) + "\n"
+
+
+def _render_runs(best: BestRuns, runs: Sequence[Run]) -> str:
+    selected = {id(run) for by_task in best.values() for run in by_task.values()}
+    header = ["Task", "Method", "Source", "LR", "Epochs", "Size", "Seed", "Score", "Trained params", "Wall time (min)",
+              "Selected"]
+
+    def key(r: Run) -> tuple:
+        method = (r.get("source", OUR_SOURCE), method_of(r))
+        return r["task"], _method_order(method), r.get("learning_rate", 0), r.get("num_epochs", 0), r.get("seed", 0)
+
+    body = [
+        [
+            run["task"], method_of(run), run.get("source", OUR_SOURCE), _fmt(run.get("learning_rate"), "g"),
+            _fmt(run.get("num_epochs"), "g"), _fmt(run.get("adapter_size"), "g"), _fmt(run.get("seed"), "g"),
+            _fmt(100 * run["score"], ".2f"), _percent(run.get("trainable_fraction", math.nan)),
+            _fmt(run.get("wall_time_s", math.nan) / 60, ".1f"), "yes" if id(run) in selected else "",
+        ]
+        for run in sorted(runs, key=key)
+    ]
+    return _markdown(header, body)
+
+
+def _family(label: str) -> str:
+    if label.startswith("adapters"):
+        return "adapters"
+    return "fine-tuning" if label.startswith(("top_k", "full")) else label
+
+
+def plot(best: BestRuns, path: str | pathlib.Path, per_task: bool = False) -> pathlib.Path:
+    """The paper's Figure 1 kind: score vs trained parameters per task (log x), adapters vs fine-tuning.
+
+    One panel with each method's mean over the columns our runs fill (methods missing one of them are left out),
+    or with `per_task` one panel per column. Adapter sizes and fine-tuning depths (top_k up to full) are joined
+    as curves, one colour per family in every panel; other sources are dashed, the paper's rows hollow.
+    """
+    rows = _rows(best)
+    avg_columns = _our_columns(rows)
+    panels = [[c] for c in avg_columns] if per_task else [avg_columns]
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(6.0, 4.5 * ncols), 4.5 * nrows), squeeze=False)
+    colors = collections.defaultdict(lambda: f"C{len(colors)}")
+    for ax, columns in zip(axes.flat, panels):
+        curves = collections.defaultdict(list)
+        for row in rows:
+            # A mean over fewer columns than the panel's is not comparable; per-task panels show such rows.
+            if any(c not in row.scores for c in columns) or math.isnan(row.fraction):
+                continue
+            x, y = 100 * row.fraction, row.mean(columns)
+            if row.source == PAPER_SOURCE:
+                ax.scatter(x, y, facecolors="none", edgecolors="black")
+                ax.annotate(row.label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            elif row.label == BEST_SIZE:
+                ax.scatter(x, y, marker="*", s=90, color=colors["adapters"], label=f"{BEST_SIZE} [{row.source}]")
+            else:
+                curves[_family(row.label), row.source].append((x, y))
+        for (family, source), points in sorted(curves.items()):
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", color=colors[family], linestyle="-" if source == OUR_SOURCE else "--",
+                    label=f"{family} [{source}]")
+        ax.set_xscale("log")
+        ax.set_xlabel("trained parameters per task (% of base model)")
+        ax.set_ylabel("score (%)")
+        title = paper.COLUMN_TITLES[columns[0]] if per_task else f"mean of {len(columns)} GLUE columns"
+        ax.set_title(f"{title} (ours: dev, paper: test)", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    # Panels may show different methods, so the one legend gathers them all.
+    legend = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    axes.flat[0].legend(legend.values(), legend.keys(), fontsize=7)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def copy_submission(best: BestRuns, method: Method, out_dir: str | pathlib.Path) -> list[pathlib.Path]:
+    """Copies the GLUE prediction files (*.tsv) of `method`'s best run per task into `out_dir`; returns them.
+
+    The GLUE server wants one file per task (plus AX); tasks without predictions are left for the caller to see.
+    """
+    if method not in best:
+        raise DataError(f"no runs for method {method}; have {sorted(best)}")
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for task, run in sorted(best[method].items()):
+        predictions = run.get("test_predictions_dir")
+        if predictions is None:
+            continue
+        files = sorted(pathlib.Path(predictions).glob("*.tsv"))
+        if not files:
+            raise DataError(f"{task}: no *.tsv predictions in {predictions}")
+        copied += [pathlib.Path(shutil.copy2(f, out_dir / f.name)) for f in files]
+    return copied
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", required=True, type=lambda s: s.split(","),
+                        help="comma-separated results.jsonl files (one per sweep)")
+    parser.add_argument("--out_dir", required=True, type=pathlib.Path)
+    parser.add_argument("--per_task_plot", action="store_true", help="one plot panel per task instead of the mean")
+    parser.add_argument("--submission_dir", type=pathlib.Path, help="gather test predictions here")
+    parser.add_argument("--submission_method", default=BEST_SIZE, help="method whose best runs are submitted")
+    parser.add_argument("--submission_source", default=OUR_SOURCE)
+    args = parser.parse_args(argv)
+
+    runs = load_results(args.results)
+    if not runs:
+        parser.error(f"no runs in {args.results}")
+    best = best_runs(runs)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    report = args.out_dir / "report.md"
+    report.write_text(render_table(best, runs), encoding="utf-8")
+    print(f"wrote {report} and {plot(best, args.out_dir / 'params_vs_score.png', args.per_task_plot)}")
+    if args.submission_dir:
+        method = (args.submission_source, args.submission_method)
+        copied = copy_submission(best, method, args.submission_dir)
+        missing = [task for task, run in sorted(best[method].items()) if not run.get("test_predictions_dir")]
+        print(f"copied {len(copied)} prediction files to {args.submission_dir}; no predictions for: {missing or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
