@@ -1,0 +1,123 @@
+"""scripts/report.py: best-run selection, the Table 1 markdown, the plot and the submission folder."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from adapter_jax import paper
+from adapter_jax.errors import DataError
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("report", REPO_ROOT / "scripts" / "report.py")
+report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report)
+
+
+def _run(task: str, mode: str, score: float, **overrides) -> dict:
+    run = {
+        "task": task, "mode": mode, "model": "bert-large-uncased", "adapter_size": 64 if mode == "adapters" else None,
+        "learning_rate": 3e-4, "num_epochs": 3, "seed": 0, "top_k": None, "workdir": f"/tmp/{task}",
+        "dev_metrics": {"accuracy": score}, "main_metric": "accuracy", "score": score, "total_params": 340_000_000,
+        "trainable_params": 1_000_000_000 if mode == "full" else 7_000_000,
+        "trainable_fraction": 1.0 if mode == "full" else 0.021, "wall_time_s": 120.0, "source": "adapter-jax",
+    }
+    run.update(overrides)
+    return run
+
+
+@pytest.fixture
+def runs() -> list[dict]:
+    return [
+        _run("rte", "adapters", 0.70, adapter_size=8, trainable_fraction=0.005),
+        _run("rte", "adapters", 0.74, adapter_size=64, seed=1),  # best rte adapter run overall
+        _run("rte", "adapters", 0.66, adapter_size=64, seed=2),
+        _run("rte", "full", 0.72),
+        _run("cola", "adapters", 0.55, adapter_size=8, trainable_fraction=0.005),  # best cola adapter run
+        _run("cola", "adapters", 0.52, adapter_size=64),
+        _run("cola", "full", 0.58, dev_metrics={"matthews_corr": 0.58}, main_metric="matthews_corr"),
+        _run("mnli", "adapters", 0.84, dev_metrics={"accuracy": 0.84, "accuracy_mm": 0.83}),
+        _run("rte", "adapters", 0.80, source="adapterhub"),  # another trainer's runs never win ours
+    ]
+
+
+def _write_jsonl(path: pathlib.Path, runs: list[dict]) -> pathlib.Path:
+    path.write_text("".join(json.dumps(run) + "\n" for run in runs), encoding="utf-8")
+    return path
+
+
+def test_load_results_reads_every_file_in_order(tmp_path, runs):
+    first = _write_jsonl(tmp_path / "a.jsonl", runs[:3])
+    second = _write_jsonl(tmp_path / "b.jsonl", runs[3:])
+    assert report.load_results([first, second]) == runs
+
+
+def test_load_results_names_the_bad_line(tmp_path, runs):
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(runs[0]) + "\n\n{not json\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"results.jsonl:3: not JSON"):
+        report.load_results([path])
+    path.write_text(json.dumps({"task": "rte", "mode": "full"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"results.jsonl:1: missing keys \['score'\]"):
+        report.load_results([path])
+
+
+def test_best_runs_picks_the_best_dev_score_per_task_and_method(runs):
+    best = report.best_runs(runs)
+    ours = "adapter-jax"
+    assert best[ours, "adapters (best size)"]["rte"] is runs[1]
+    assert best[ours, "adapters (best size)"]["cola"] is runs[4]
+    assert best[ours, "adapters (size 64)"]["rte"] is runs[1]
+    assert best[ours, "adapters (size 64)"]["cola"] is runs[5]
+    assert best[ours, "adapters (size 8)"]["rte"] is runs[0]
+    assert best[ours, "full fine-tuning"] == {"rte": runs[3], "cola": runs[6]}
+    assert best["adapterhub", "adapters (best size)"] == {"rte": runs[8]}
+
+
+def test_mnli_fills_both_columns():
+    run = _run("mnli", "adapters", 0.84, dev_metrics={"accuracy": 0.84, "mnli_mm/accuracy": 0.83})
+    assert report.column_scores(run) == pytest.approx({"mnli_m": 84.0, "mnli_mm": 83.0})
+    assert report.column_scores(_run("SST-2", "full", 0.9)) == pytest.approx({"sst2": 90.0})
+    assert report.column_scores(_run("wnli", "full", 0.6)) == {}  # not a Table 1 column
+
+
+def test_render_table_has_the_paper_rows_and_ours(runs):
+    markdown = report.render_table(report.best_runs(runs), runs)
+    lines = markdown.splitlines()
+    header = next(line for line in lines if line.startswith("| Method"))
+    assert [c.strip() for c in header.strip("|").split("|")][4:13] == [paper.COLUMN_TITLES[c] for c in paper.COLUMNS]
+    row = {line.split("|")[1].strip() + "/" + line.split("|")[2].strip(): line for line in lines if "|" in line}
+    for paper_row in paper.TABLE_1:
+        assert paper_row.name + "/paper (GLUE test)" in row
+    assert "| 9.0x | 100% | 60.5 | 94.9 | 89.3 | 87.6 | 72.1 | 86.7 | 85.9 | 91.1 | 70.1 |" in markdown
+    # Ours: best dev per task, in percent; every row is averaged over the columns we fill (CoLA, MNLI-m/mm, RTE).
+    assert "Avg (4 of 9 columns)" in header
+    best_size = row["adapters (best size)/adapter-jax"]
+    assert "| 55.0 |" in best_size and "| 74.0 |" in best_size and "| 84.0 | 83.0 |" in best_size
+    assert "| 72.0 |" in row["full fine-tuning/adapter-jax"] and "(partial)" in row["full fine-tuning/adapter-jax"]
+    assert "| 80.0 |" in row["adapters (best size)/adapterhub"]
+    # The appendix lists every run once, and marks the selected ones.
+    appendix = markdown.split("## Every run")[1]
+    assert sum(line.startswith("| rte ") for line in appendix.splitlines()) == 5
+    assert "| rte | adapters (size 64) | adapter-jax | 0.0003 | 3 | 64 | 1 | 74.00 | 2.1% | 2.0 | yes |" in appendix
+
+
+@pytest.mark.parametrize("per_task", [False, True])
+def test_plot_writes_a_png(tmp_path, runs, per_task):
+    path = report.plot(report.best_runs(runs), tmp_path / "plots" / "figure.png", per_task=per_task)
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+
+
+def test_main_writes_report_plot_and_submission(tmp_path, runs):
+    predictions = tmp_path / "rte_predictions"
+    predictions.mkdir()
+    (predictions / "RTE.tsv").write_text("index\tprediction\n0\tentailment\n", encoding="utf-8")
+    runs[1]["test_predictions_dir"] = str(predictions)
+    results = _write_jsonl(tmp_path / "results.jsonl", runs)
+    out = tmp_path / "out"
+    report.main([f"--results={results}", f"--out_dir={out}", f"--submission_dir={tmp_path / 'submission'}"])
+    assert "## Every run" in (out / "report.md").read_text(encoding="utf-8")
+    assert (out / "params_vs_score.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "submission" / "RTE.tsv").read_text(encoding="utf-8").startswith("index\tprediction")
