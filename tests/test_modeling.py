@@ -1,0 +1,176 @@
+"""BERT in linen against transformers' PyTorch BertModel on the real MiniLM checkpoint, and BertConfig."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from adapter_jax import errors, weights
+from adapter_jax.adapters import AdapterConfig
+from adapter_jax.modeling import BertConfig, BertForSequenceClassification, BertModel
+
+# Pairs of different lengths, so the batch has padding in every row but the longest.
+PAIRS = [
+    ("The cat sat on the mat.", "A cat was sitting on a mat."),
+    ("Adapters add a few parameters per task.", "Fine-tuning copies the whole network for every task, which is costly."),
+    ("Hi.", "Bye."),
+    ("Is it raining?", "The forecast said sunshine all week long, but the clouds have other ideas today."),
+]
+
+TINY = BertConfig(vocab_size=11, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir):
+    config, params = weights.load_pretrained(minilm_dir)
+    return config, params
+
+
+@pytest.fixture(scope="module")
+def batch(minilm_dir):
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
+    encoded = tokenizer(
+        [a for a, _ in PAIRS], [b for _, b in PAIRS], padding=True, return_tensors="np"
+    )
+    assert len(set(encoded["attention_mask"].sum(axis=1))) == len(PAIRS), "want distinct lengths"
+    return {key: encoded[key].astype(np.int32) for key in ("input_ids", "token_type_ids", "attention_mask")}
+
+
+@pytest.fixture(scope="module")
+def torch_outputs(minilm_dir, batch):
+    import torch
+    import transformers
+
+    model = transformers.BertModel.from_pretrained(str(minilm_dir)).eval()
+    with torch.no_grad():
+        out = model(**{key: torch.from_numpy(value).long() for key, value in batch.items()})
+    return out.last_hidden_state.numpy(), out.pooler_output.numpy()
+
+
+def apply_bert(config, params, batch, dtype=jnp.float32):
+    model = BertModel(config, dtype=dtype)
+    return jax.jit(model.apply)(
+        {"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+    )
+
+
+def test_matches_transformers_float32(minilm, batch, torch_outputs):
+    config, params = minilm
+    sequence, pooled = apply_bert(config, params, batch)
+    torch_sequence, torch_pooled = torch_outputs
+    tokens = batch["attention_mask"].astype(bool)
+    sequence_diff = np.abs(np.asarray(sequence)[tokens] - torch_sequence[tokens]).max()
+    pooled_diff = np.abs(np.asarray(pooled) - torch_pooled).max()
+    print(f"max abs diff vs transformers: sequence {sequence_diff:.2e}, pooled {pooled_diff:.2e}")
+    assert sequence.dtype == jnp.float32 and sequence.shape == torch_sequence.shape
+    assert sequence_diff <= 1e-4
+    assert pooled_diff <= 1e-4
+
+
+def test_bfloat16_runs_close_to_float32(minilm, batch, torch_outputs):
+    config, params = minilm
+    sequence, pooled = apply_bert(config, params, batch, dtype=jnp.bfloat16)
+    assert sequence.dtype == jnp.bfloat16
+    torch_sequence, torch_pooled = torch_outputs
+    tokens = batch["attention_mask"].astype(bool)
+    ours = np.asarray(sequence, np.float32)[tokens]
+    # Per-token cosine similarity: bfloat16 has ~3 significant digits, so elementwise checks are loose.
+    cosine = np.sum(ours * torch_sequence[tokens], -1) / (
+        np.linalg.norm(ours, axis=-1) * np.linalg.norm(torch_sequence[tokens], axis=-1)
+    )
+    assert cosine.min() > 0.99
+    assert np.abs(np.asarray(pooled, np.float32) - torch_pooled).max() < 0.1
+
+
+def test_classifier_logits_are_float32_and_dropout_uses_its_rng():
+    model = BertForSequenceClassification(TINY, num_labels=3, dtype=jnp.bfloat16)
+    ids = jnp.array([[2, 5, 7, 0], [3, 4, 0, 0]])
+    args = (ids, jnp.zeros_like(ids), (ids > 0).astype(jnp.int32))
+    variables = jax.jit(model.init)(jax.random.key(0), *args)
+    apply = jax.jit(model.apply, static_argnames="deterministic")
+    logits = apply(variables, *args)
+    assert logits.shape == (2, 3) and logits.dtype == jnp.float32
+    train_a, train_b = (
+        apply(variables, *args, deterministic=False, rngs={"dropout": jax.random.key(seed)})
+        for seed in (1, 2)
+    )
+    assert not np.allclose(train_a, train_b), "dropout must depend on the 'dropout' rng"
+    np.testing.assert_array_equal(logits, apply(variables, *args))
+
+
+def test_padding_does_not_change_token_outputs(minilm, batch):
+    config, params = minilm
+    sequence, _ = apply_bert(config, params, batch)
+    row = int(np.argmin(batch["attention_mask"].sum(1)))  # the shortest pair, most padding
+    length = int(batch["attention_mask"][row].sum())
+    alone = {key: value[row : row + 1, :length] for key, value in batch.items()}
+    sequence_alone, _ = apply_bert(config, params, alone)
+    np.testing.assert_allclose(sequence[row, :length], sequence_alone[0], atol=1e-5)
+
+
+def test_config_from_dict_ignores_other_hf_keys_and_round_trips(minilm_dir):
+    d = json.loads((minilm_dir / "config.json").read_text())
+    config = BertConfig.from_dict(d)
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (384, 6, 1536)
+    assert BertConfig.from_dict(config.to_dict()) == config
+
+
+def test_presets_have_bert_shapes():
+    base, large = BertConfig.base(), BertConfig.large()
+    assert (base.hidden_size, base.num_hidden_layers, base.num_attention_heads, base.intermediate_size) == (
+        768, 12, 12, 3072
+    )
+    assert (large.hidden_size, large.num_hidden_layers, large.num_attention_heads, large.intermediate_size) == (
+        1024, 24, 16, 4096
+    )
+
+
+@pytest.mark.parametrize(
+    "key, value", [("hidden_act", "gelu_new"), ("position_embedding_type", "relative_key")]
+)
+def test_config_rejects_unsupported_architecture(key, value):
+    with pytest.raises(errors.WeightsError, match=key):
+        BertConfig.from_dict({"hidden_size": 64, key: value})
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("{not json")
+    with pytest.raises(errors.WeightsError, match=str(path)):
+        BertConfig.from_json_file(path)
+    path.write_text(json.dumps({"hidden_act": "relu"}))
+    with pytest.raises(errors.WeightsError, match=f"{path}.*hidden_act"):
+        BertConfig.from_json_file(path)
+    with pytest.raises(errors.WeightsError, match="missing.json"):
+        BertConfig.from_json_file(tmp_path / "missing.json")
+
+
+def test_params_tree_has_hf_module_names():
+    shapes = weights.abstract_params(BertForSequenceClassification(TINY, AdapterConfig(size=4), num_labels=2))
+    paths = {"/".join(path) for path in traverse_util.flatten_dict(shapes)}
+    layer = "bert/encoder/layer_0"
+    assert paths == {
+        *(f"bert/embeddings/{name}_embeddings/embedding" for name in ("word", "position", "token_type")),
+        "bert/embeddings/LayerNorm/scale",
+        "bert/embeddings/LayerNorm/bias",
+        *(f"{layer}/attention/self/{name}/{leaf}" for name in ("query", "key", "value") for leaf in ("kernel", "bias")),
+        *(
+            f"{layer}/{block}/{leaf}"
+            for block in ("attention/output", "output")
+            for leaf in (
+                "dense/kernel", "dense/bias", "LayerNorm/scale", "LayerNorm/bias",
+                "adapter/down/kernel", "adapter/down/bias", "adapter/up/kernel", "adapter/up/bias",
+            )
+        ),
+        f"{layer}/intermediate/dense/kernel",
+        f"{layer}/intermediate/dense/bias",
+        "bert/pooler/dense/kernel",
+        "bert/pooler/dense/bias",
+        "classifier/kernel",
+        "classifier/bias",
+    }
