@@ -1,0 +1,387 @@
+"""GLUE input pipeline: read examples (GLUE TSV or TFDS), tokenize, and batch them into
+[num_devices, per_device, length] numpy arrays, each host taking its slice of the global batch.
+
+Everything here is host-side numpy: the pipeline knows no model, only its tokenizer.
+"""
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Iterable, Iterator, Sequence
+
+import jax
+import numpy as np
+import transformers
+
+from adapter_jax import errors
+from adapter_jax.tasks import Task
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    idx: int
+    text_a: str
+    text_b: str | None
+    label: int | float | None  # class index into task.labels, float for STS-B, None if unlabeled
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_examples(
+    task: Task,
+    split: str,
+    *,
+    glue_dir: str | os.PathLike | None = None,
+    source: str = "tsv",
+    tfds_data_dir: str | os.PathLike | None = None,
+) -> list[Example]:
+    """All examples of `split` ('train', 'dev', 'test', 'dev_matched', ...) of `task`.
+
+    source='tsv' reads <glue_dir>/<task.dir_name>/<file> as written by download_glue_data.py;
+    source='tfds' reads the prepared TFDS dataset `task.tfds_name` (no TensorFlow needed).
+    Test splits come back unlabeled whatever the source holds.
+    """
+    if split not in task.splits:
+        raise errors.ConfigError(
+            f"Task {task.name!r} has no split {split!r}; splits: {', '.join(task.splits)}"
+        )
+    if source == "tsv":
+        if glue_dir is None:
+            raise errors.ConfigError("glue_dir is required when source='tsv'")
+        return _read_tsv(task, split, pathlib.Path(glue_dir))
+    if source == "tfds":
+        return _read_tfds(task, split, tfds_data_dir)
+    raise errors.ConfigError(f"Unknown source {source!r}; expected 'tsv' or 'tfds'")
+
+
+def _read_tsv(task: Task, split: str, glue_dir: pathlib.Path) -> list[Example]:
+    path = glue_dir / task.dir_name / task.splits[split]
+    if not path.is_file():
+        what = "folder" if not path.parent.is_dir() else "file"
+        raise errors.DataError(
+            f"GLUE {what} for task {task.name!r} (split {split!r}) not found: expected {path}"
+        )
+    # GLUE files hold quote characters inside fields (QNLI), so no CSV parser: split on "\n"
+    # and "\t" only. utf-8-sig drops the byte-order mark some MRPC copies start with.
+    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    is_test = split.startswith("test")
+    if task.headerless_columns is not None and not is_test:
+        header, first_line = task.headerless_columns, 1
+    else:
+        header, first_line = tuple(lines.pop(0).split("\t")) if lines else (), 2
+
+    def column(name: str) -> int:
+        if name not in header:
+            raise errors.DataError(f"{path}: no column {name!r} in header {header}")
+        return header.index(name)
+
+    text_cols = [column(name) for name in task.text_columns]
+    index_col = column(task.index_column) if is_test else None
+    label_col = None if is_test or task.label_column is None else column(task.label_column)
+
+    examples = []
+    for position, line in enumerate(lines):
+        where = f"{path}:{position + first_line}"
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            raise errors.DataError(
+                f"{where}: expected {len(header)} tab-separated fields, found {len(fields)}"
+            )
+        texts = [fields[i] for i in text_cols]
+        if index_col is None:
+            idx = position
+        else:
+            idx = _parse(int, fields[index_col], where, f"{task.index_column!r} value")
+        label = None if label_col is None else _parse_label(task, fields[label_col], where)
+        examples.append(Example(idx, texts[0], texts[1] if len(texts) > 1 else None, label))
+    if not examples:
+        raise errors.DataError(f"{path}: no examples (task {task.name!r}, split {split!r})")
+    return examples
+
+
+def _parse(convert, value: str, where: str, what: str):
+    try:
+        return convert(value)
+    except ValueError:
+        raise errors.DataError(f"{where}: bad {what} {value!r}") from None
+
+
+def _parse_label(task: Task, value: str, where: str) -> int | float:
+    if task.labels is None:
+        return _parse(float, value, where, "regression label")
+    if value not in task.labels:
+        raise errors.DataError(
+            f"{where}: unknown label {value!r} for task {task.name!r}; expected one of {task.labels}"
+        )
+    return task.labels.index(value)
+
+
+def _read_tfds(task: Task, split: str, data_dir: str | os.PathLike | None) -> list[Example]:
+    import tensorflow_datasets as tfds  # optional dependency: pip install adapter-jax[tfds]
+    # TFDS registers its builders lazily; importing the module makes glue/* known by name.
+    from tensorflow_datasets.text import glue  # noqa: F401
+
+    data_source = tfds.data_source(task.tfds_name, split=task.tfds_splits[split], data_dir=data_dir)
+    is_test = split.startswith("test")
+    examples = []
+    for record in data_source:
+        texts = [_as_str(record[feature]) for feature in task.tfds_text_features]
+        if is_test:
+            label = None
+        elif task.is_regression:
+            label = float(record["label"])
+        else:
+            label = int(record["label"])
+        examples.append(Example(int(record["idx"]), texts[0], texts[1] if len(texts) > 1 else None, label))
+    if not examples:
+        raise errors.DataError(f"TFDS {task.tfds_name} split {split!r} has no examples")
+    # TFDS stores records shuffled; file order (idx) makes both sources agree row for row.
+    return sorted(examples, key=lambda e: e.idx)
+
+
+def _as_str(value) -> str:
+    # Prepared datasets store text as bytes; tfds.testing.mock_data yields str.
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization
+
+
+@dataclasses.dataclass
+class TokenizedDataset:
+    """Token ids zero-padded to max_seq_length; `lengths` counts the real tokens of each row."""
+
+    input_ids: np.ndarray  # int32 [N, max_seq_length]
+    token_type_ids: np.ndarray  # int32 [N, max_seq_length]
+    lengths: np.ndarray  # int32 [N]
+    labels: np.ndarray  # int32 (-1 unlabeled) or float32 (nan unlabeled) [N]
+    idx: np.ndarray  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def load_tokenizer(model_dir: str | os.PathLike) -> transformers.PreTrainedTokenizerFast:
+    """The fast (Rust) tokenizer saved with a BERT checkpoint folder."""
+    return transformers.AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
+
+
+def tokenize(
+    examples: Sequence[Example],
+    tokenizer: transformers.PreTrainedTokenizerFast,
+    max_seq_length: int = 128,
+) -> TokenizedDataset:
+    """[CLS] a [SEP] (b [SEP]) token ids; pairs are cut longest-first, as BERT's run_classifier does."""
+    if not examples:
+        raise errors.DataError("tokenize: no examples")
+    texts_a = [e.text_a for e in examples]
+    texts_b = None if examples[0].text_b is None else [e.text_b for e in examples]
+    encoded = tokenizer(
+        texts_a,
+        texts_b,
+        truncation="longest_first",
+        max_length=max_seq_length,
+        return_token_type_ids=True,
+        return_attention_mask=False,
+    )
+    lengths = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int32)
+    input_ids = np.zeros((len(examples), max_seq_length), np.int32)
+    token_type_ids = np.zeros((len(examples), max_seq_length), np.int32)
+    for row, (ids, type_ids) in enumerate(zip(encoded["input_ids"], encoded["token_type_ids"])):
+        input_ids[row, : len(ids)] = ids
+        token_type_ids[row, : len(type_ids)] = type_ids
+
+    # Float labels mean regression; an unlabeled set cannot tell, and gets int32 -1.
+    is_regression = any(isinstance(e.label, float) for e in examples)
+    if is_regression:
+        labels = np.array([np.nan if e.label is None else e.label for e in examples], np.float32)
+    else:
+        labels = np.array([-1 if e.label is None else e.label for e in examples], np.int32)
+    idx = np.array([e.idx for e in examples], np.int64)
+    return TokenizedDataset(input_ids, token_type_ids, lengths, labels, idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+
+
+def _check_batch_size(global_batch_size: int, num_devices: int, process_count: int) -> None:
+    shards = process_count * num_devices
+    if shards <= 0 or global_batch_size <= 0 or global_batch_size % shards:
+        raise errors.ConfigError(
+            f"global_batch_size={global_batch_size} must be a positive multiple of "
+            f"process_count * num_devices = {process_count} * {num_devices}"
+        )
+
+
+def _bucket_lengths(buckets: Iterable[int], max_seq_length: int) -> np.ndarray:
+    # Capped at the dataset's length so every example fits the last bucket.
+    return np.array(sorted({min(b, max_seq_length) for b in buckets} | {max_seq_length}))
+
+
+def _make_batch(
+    dataset: TokenizedDataset,
+    rows: np.ndarray,
+    weights: np.ndarray,
+    buckets: np.ndarray,
+    *,
+    process_index: int,
+    process_count: int,
+    num_devices: int,
+) -> Batch:
+    """This host's slice of the global batch `rows`, cut to the bucket of its longest example.
+
+    The bucket is chosen over the whole global batch so that every host pads to the same
+    length and the hosts' arrays assemble into one global array.
+    """
+    longest = dataset.lengths[rows[weights > 0]].max()
+    length = int(buckets[np.searchsorted(buckets, longest)])
+    local_size = len(rows) // process_count
+    local = slice(process_index * local_size, (process_index + 1) * local_size)
+    rows, weights = rows[local], weights[local]
+    shape = (num_devices, local_size // num_devices)
+    mask = np.arange(length) < dataset.lengths[rows][:, None]
+    return {
+        "input_ids": dataset.input_ids[rows, :length].reshape(*shape, length),
+        "token_type_ids": dataset.token_type_ids[rows, :length].reshape(*shape, length),
+        "attention_mask": mask.astype(np.int32).reshape(*shape, length),
+        "label": dataset.labels[rows].reshape(shape),
+        "weight": weights.astype(np.float32).reshape(shape),
+        # Rows of `dataset` (dataset.idx[row] is the example id); -1 marks padding rows.
+        "idx": np.where(weights > 0, rows, -1).reshape(shape),
+    }
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    return (
+        jax.process_index() if process_index is None else process_index,
+        jax.process_count() if process_count is None else process_count,
+    )
+
+
+def padded_token_count(batches: Iterable[Batch]) -> int:
+    """Sequence positions holding padding rather than a token, summed over `batches`."""
+    return int(sum(b["attention_mask"].size - b["attention_mask"].sum() for b in batches))
+
+
+class TrainIterator:
+    """Endless shuffled training batches, resumable from `state()`.
+
+    Epoch e visits the examples in the order of a permutation drawn from (seed, e), dropping
+    the last partial batch. `epoch` is the current epoch and `step` the index of the next
+    batch within it, so `restore(state())` continues with exactly the batches that would
+    have come next.
+    """
+
+    def __init__(
+        self,
+        dataset: TokenizedDataset,
+        *,
+        global_batch_size: int,
+        num_devices: int,
+        seed: int,
+        buckets: Sequence[int] = (32, 64, 128),
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        self.process_index, self.process_count = _process(process_index, process_count)
+        _check_batch_size(global_batch_size, num_devices, self.process_count)
+        self.steps_per_epoch = len(dataset) // global_batch_size
+        if self.steps_per_epoch == 0:
+            raise errors.ConfigError(
+                f"global_batch_size={global_batch_size} is larger than the dataset "
+                f"({len(dataset)} examples): an epoch would have no full batch"
+            )
+        self.dataset = dataset
+        self.global_batch_size = global_batch_size
+        self.num_devices = num_devices
+        self.seed = seed
+        self.buckets = _bucket_lengths(buckets, dataset.max_seq_length)
+        self.epoch = 0
+        self.step = 0
+        self._order_epoch, self._order = None, None
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            rng = np.random.default_rng((self.seed, self.epoch))
+            self._order_epoch, self._order = self.epoch, rng.permutation(len(self.dataset))
+        return self._order
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        start = self.step * self.global_batch_size
+        rows = self._epoch_order()[start : start + self.global_batch_size]
+        batch = _make_batch(
+            self.dataset,
+            rows,
+            np.ones(len(rows), np.float32),
+            self.buckets,
+            process_index=self.process_index,
+            process_count=self.process_count,
+            num_devices=self.num_devices,
+        )
+        self.step += 1
+        if self.step == self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        return batch
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step}
+
+    def restore(self, state: dict[str, int]) -> None:
+        epoch, step = int(state["epoch"]), int(state["step"])
+        if epoch < 0 or not 0 <= step < self.steps_per_epoch:
+            raise errors.CheckpointError(
+                f"Input pipeline state {state} does not fit this dataset "
+                f"({self.steps_per_epoch} steps per epoch)"
+            )
+        self.epoch, self.step = epoch, step
+
+
+def eval_batches(
+    dataset: TokenizedDataset,
+    *,
+    global_batch_size: int,
+    num_devices: int,
+    buckets: Sequence[int] = (32, 64, 128),
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[Batch]:
+    """Every example once, in dataset order; `idx` holds each example's row in `dataset`.
+
+    The last batch is filled with weight-0 copies of row 0 (idx -1): shapes stay static, and
+    no row is entirely masked, which would leave attention nothing to attend to.
+    """
+    process_index, process_count = _process(process_index, process_count)
+    _check_batch_size(global_batch_size, num_devices, process_count)
+    bucket_lengths = _bucket_lengths(buckets, dataset.max_seq_length)
+
+    def generate() -> Iterator[Batch]:
+        for start in range(0, len(dataset), global_batch_size):
+            rows = np.arange(start, start + global_batch_size)
+            weights = (rows < len(dataset)).astype(np.float32)
+            yield _make_batch(
+                dataset,
+                np.where(weights > 0, rows, 0),
+                weights,
+                bucket_lengths,
+                process_index=process_index,
+                process_count=process_count,
+                num_devices=num_devices,
+            )
+
+    # A plain function around the generator, so bad arguments fail here and not at first use.
+    return generate()

@@ -1,0 +1,357 @@
+"""Readers on the real GLUE files and synthetic MRPC/STS-B folders, TFDS parity, tokenization,
+bucketing, resumable training batches, host sharding and exhaustive evaluation batches."""
+
+import collections
+import itertools
+
+import numpy as np
+import pytest
+
+from adapter_jax import errors, input_pipeline, tasks
+from adapter_jax.input_pipeline import Example
+
+# Official GLUE sizes, as listed in the data folder's README.
+ROW_COUNTS = [
+    ("cola", "train", 8551),
+    ("cola", "dev", 1043),
+    ("cola", "test", 1063),
+    ("sst2", "train", 67349),
+    ("sst2", "dev", 872),
+    ("sst2", "test", 1821),
+    ("rte", "train", 2490),
+    ("rte", "dev", 277),
+    ("rte", "test", 3000),
+    ("wnli", "train", 635),
+    ("wnli", "dev", 71),
+    ("wnli", "test", 146),
+    ("qnli", "dev", 5463),
+    ("qnli", "test", 5463),
+    ("ax", "test", 1104),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_dir):
+    return input_pipeline.load_tokenizer(minilm_dir)
+
+
+# --- Real GLUE files --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, split, count", ROW_COUNTS, ids=[f"{n}-{s}" for n, s, _ in ROW_COUNTS])
+def test_real_split_loads_with_official_size(glue_dir, name, split, count):
+    task = tasks.get_task(name)
+    examples = input_pipeline.read_examples(task, split, glue_dir=glue_dir)
+    assert len(examples) == count
+    assert all(isinstance(e.text_a, str) and e.text_a for e in examples)
+    assert all((e.text_b is not None) == (len(task.text_columns) == 2) for e in examples)
+    if split.startswith("test"):
+        assert all(e.label is None for e in examples)
+        assert [e.idx for e in examples] == list(range(count))  # the files' `index` column
+    else:
+        assert {e.label for e in examples} == set(range(task.num_labels))
+
+
+def test_qnli_dev_label_counts_and_quotes_kept(glue_dir):
+    task = tasks.get_task("qnli")
+    examples = input_pipeline.read_examples(task, "dev", glue_dir=glue_dir)
+    counts = collections.Counter(task.labels[e.label] for e in examples)
+    assert counts == {"entailment": 2702, "not_entailment": 2761}
+    # Row 694 opens its passage with a quote; a CSV reader would strip it or merge rows.
+    assert examples[694].text_b.startswith('"')
+
+
+def test_cola_headerless_train_reads_sentence_and_label(glue_dir):
+    examples = input_pipeline.read_examples(tasks.get_task("cola"), "train", glue_dir=glue_dir)
+    first = examples[0]
+    assert first == Example(0, "Our friends won't buy this analysis, let alone the next one we propose.", None, 1)
+
+
+# --- Synthetic MRPC and STS-B folders (not shipped in the data folder) -------------------------
+
+
+def write(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def test_synthetic_mrpc_format(tmp_path):
+    header = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
+    write(tmp_path / "MRPC" / "train.tsv", [header, '1\t11\t12\tHe said "yes".\tHe agreed.', "0\t13\t14\tA cat.\tA dog."])
+    write(tmp_path / "MRPC" / "test.tsv", ["index\t#1 ID\t#2 ID\t#1 String\t#2 String", "7\t1\t2\tOne.\tTwo."])
+    task = tasks.get_task("mrpc")
+    assert input_pipeline.read_examples(task, "train", glue_dir=tmp_path) == [
+        Example(0, 'He said "yes".', "He agreed.", 1),
+        Example(1, "A cat.", "A dog.", 0),
+    ]
+    assert input_pipeline.read_examples(task, "test", glue_dir=tmp_path) == [Example(7, "One.", "Two.", None)]
+
+
+def test_synthetic_stsb_format(tmp_path):
+    columns = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2"
+    write(
+        tmp_path / "STS-B" / "dev.tsv",
+        [columns + "\tscore", "0\tmain-captions\tMSRvid\t2012test\t0000\tnone\tnone\tA man.\tA person.\t4.750"],
+    )
+    write(tmp_path / "STS-B" / "test.tsv", [columns, "0\tmain-news\tx\t2016\t0\tnone\tnone\tUp.\tDown."])
+    task = tasks.get_task("stsb")
+    (dev,) = input_pipeline.read_examples(task, "dev", glue_dir=tmp_path)
+    assert dev == Example(0, "A man.", "A person.", 4.75) and isinstance(dev.label, float)
+    assert input_pipeline.read_examples(task, "test", glue_dir=tmp_path) == [Example(0, "Up.", "Down.", None)]
+
+
+# --- Bad input ---------------------------------------------------------------------------------
+
+
+def test_missing_folder_names_path_and_task(tmp_path):
+    with pytest.raises(errors.DataError) as raised:
+        input_pipeline.read_examples(tasks.get_task("rte"), "train", glue_dir=tmp_path)
+    assert str(tmp_path / "RTE" / "train.tsv") in str(raised.value) and "'rte'" in str(raised.value)
+
+
+def test_missing_file_names_path_and_task(tmp_path):
+    write(tmp_path / "WNLI" / "train.tsv", ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\t1"])
+    with pytest.raises(errors.DataError, match=f"'wnli'.*{tmp_path / 'WNLI' / 'dev.tsv'}"):
+        input_pipeline.read_examples(tasks.get_task("wnli"), "dev", glue_dir=tmp_path)
+
+
+def test_wrong_field_count_names_file_and_line(tmp_path):
+    path = tmp_path / "RTE" / "dev.tsv"
+    write(path, ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tentailment", "1\ta\tb"])
+    with pytest.raises(errors.DataError, match=f"{path}:3: expected 4 tab-separated fields, found 3"):
+        input_pipeline.read_examples(tasks.get_task("rte"), "dev", glue_dir=tmp_path)
+
+
+def test_unknown_label_names_file_and_line(tmp_path):
+    path = tmp_path / "CoLA" / "train.tsv"  # no header: line numbers count from the first row
+    write(path, ["gj04\t1\t\tGood.", "gj04\t2\t*\tBad."])
+    with pytest.raises(errors.DataError, match=f"{path}:2: unknown label '2'"):
+        input_pipeline.read_examples(tasks.get_task("cola"), "train", glue_dir=tmp_path)
+
+
+def test_bad_regression_label_names_file_and_line(tmp_path):
+    columns = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    path = tmp_path / "STS-B" / "train.tsv"
+    write(path, [columns, "0\tg\tf\ty\t0\ts\ts\tA.\tB.\thigh"])
+    with pytest.raises(errors.DataError, match=f"{path}:2: bad regression label 'high'"):
+        input_pipeline.read_examples(tasks.get_task("stsb"), "train", glue_dir=tmp_path)
+
+
+def test_empty_split_is_an_error(tmp_path):
+    write(tmp_path / "SST-2" / "dev.tsv", ["sentence\tlabel"])
+    with pytest.raises(errors.DataError, match="no examples"):
+        input_pipeline.read_examples(tasks.get_task("sst2"), "dev", glue_dir=tmp_path)
+
+
+def test_unknown_split_lists_splits(tmp_path):
+    with pytest.raises(errors.ConfigError, match="dev_matched"):
+        input_pipeline.read_examples(tasks.get_task("mnli"), "dev", glue_dir=tmp_path)
+
+
+# --- TFDS --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, split", [("rte", "dev"), ("stsb", "train"), ("cola", "test"), ("mnli", "dev_mismatched")])
+def test_tfds_source_yields_the_tsv_fields(glue_dir, tmp_path, name, split):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    task = tasks.get_task(name)
+    with tfds.testing.mock_data(num_examples=6):
+        examples = input_pipeline.read_examples(task, split, source="tfds")
+    assert len(examples) == 6
+    assert [e.idx for e in examples] == sorted(e.idx for e in examples)
+    for e in examples:
+        assert type(e.idx) is int and type(e.text_a) is str
+        assert (e.text_b is not None) == (len(task.text_columns) == 2)
+        if split.startswith("test"):
+            assert e.label is None
+        elif task.is_regression:
+            assert type(e.label) is float
+        else:
+            assert type(e.label) is int and 0 <= e.label < task.num_labels
+
+    # The same Python types as the TSV reader gives for RTE.
+    tsv = input_pipeline.read_examples(tasks.get_task("rte"), "dev", glue_dir=glue_dir)[0]
+    assert [type(getattr(tsv, f)) for f in ("idx", "text_a", "text_b", "label")] == [int, str, str, int]
+
+
+# --- Tokenization ------------------------------------------------------------------------------
+
+
+def bert_truncate_pair(tokens_a, tokens_b, max_length):
+    """BERT run_classifier._truncate_seq_pair: drop from the longer sequence, one token at a time."""
+    tokens_a, tokens_b = list(tokens_a), list(tokens_b)
+    while len(tokens_a) + len(tokens_b) > max_length:
+        (tokens_a if len(tokens_a) > len(tokens_b) else tokens_b).pop()
+    return tokens_a, tokens_b
+
+
+def test_tokenize_pairs_like_bert(tokenizer):
+    a = "the quick brown fox jumps over the lazy dog near the river bank today"
+    b = "a dog sleeps"
+    data = input_pipeline.tokenize([Example(5, a, b, 1), Example(6, "short", "pair", None)], tokenizer, 12)
+    ta, tb = bert_truncate_pair(tokenizer.tokenize(a), tokenizer.tokenize(b), 12 - 3)
+    expected = ["[CLS]", *ta, "[SEP]", *tb, "[SEP]"]
+    assert tokenizer.convert_ids_to_tokens(data.input_ids[0].tolist()) == expected
+    assert data.token_type_ids[0].tolist() == [0] * (len(ta) + 2) + [1] * (len(tb) + 1)
+    assert data.lengths.tolist() == [12, 5]
+    assert data.input_ids[1, 5:].tolist() == [0] * 7 and data.token_type_ids[1, 5:].tolist() == [0] * 7
+    assert data.labels.tolist() == [1, -1] and data.labels.dtype == np.int32
+    assert data.idx.tolist() == [5, 6] and data.idx.dtype == np.int64
+    assert (data.input_ids.dtype, data.token_type_ids.dtype, data.lengths.dtype) == (np.int32,) * 3
+    assert len(data) == 2 and data.max_seq_length == 12
+
+
+def test_tokenize_single_sentences_and_regression(tokenizer):
+    data = input_pipeline.tokenize([Example(0, "hello world", None, 2.5), Example(1, "hi", None, None)], tokenizer, 8)
+    assert tokenizer.convert_ids_to_tokens(data.input_ids[0, :4].tolist()) == ["[CLS]", "hello", "world", "[SEP]"]
+    assert not data.token_type_ids.any()
+    assert data.labels.dtype == np.float32 and data.labels[0] == 2.5 and np.isnan(data.labels[1])
+
+
+def test_bucketing_halves_padding_on_sst2_dev(glue_dir, tokenizer):
+    examples = input_pipeline.read_examples(tasks.get_task("sst2"), "dev", glue_dir=glue_dir)
+    data = input_pipeline.tokenize(examples, tokenizer, 128)
+
+    def padded(buckets):
+        batches = input_pipeline.eval_batches(
+            data, global_batch_size=32, num_devices=2, buckets=buckets, process_index=0, process_count=1
+        )
+        return input_pipeline.padded_token_count(batches)
+
+    bucketed, unbucketed = padded((32, 64, 128)), padded((128,))
+    print(f"SST-2 dev padded tokens: bucketed {bucketed}, all to 128 {unbucketed}")
+    # 872 rows padded to 28 batches of 32, each row 128 long, less the real tokens.
+    assert unbucketed == 28 * 32 * 128 - data.lengths.sum() - 24 * data.lengths[0]
+    assert bucketed < unbucketed / 2
+
+
+# --- Training batches --------------------------------------------------------------------------
+
+
+def fake_dataset(n=50, max_seq_length=16, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, max_seq_length + 1, n).astype(np.int32)
+    positions = np.arange(max_seq_length)
+    input_ids = np.where(positions < lengths[:, None], rng.integers(1, 1000, (n, max_seq_length)), 0)
+    return input_pipeline.TokenizedDataset(
+        input_ids=input_ids.astype(np.int32),
+        token_type_ids=np.zeros((n, max_seq_length), np.int32),
+        lengths=lengths,
+        labels=rng.integers(0, 2, n).astype(np.int32),
+        idx=np.arange(n, dtype=np.int64),
+    )
+
+
+def train_iterator(dataset, seed=0, **kwargs):
+    kwargs = {"global_batch_size": 8, "num_devices": 2, "process_index": 0, "process_count": 1, **kwargs}
+    return input_pipeline.TrainIterator(dataset, seed=seed, buckets=(4, 8), **kwargs)
+
+
+def rows(batch):
+    return batch["idx"].reshape(-1).tolist()
+
+
+def test_train_batches_have_the_promised_shapes():
+    data = fake_dataset()
+    batch = next(train_iterator(data))
+    length = batch["input_ids"].shape[-1]
+    assert length in (4, 8, 16) and length >= data.lengths[rows(batch)].max()
+    assert length == 4 or length // 2 < data.lengths[rows(batch)].max()  # the smallest bucket that fits
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        assert batch[key].shape == (2, 4, length) and batch[key].dtype == np.int32
+    assert batch["label"].shape == batch["weight"].shape == (2, 4)
+    assert batch["weight"].dtype == np.float32 and (batch["weight"] == 1).all()
+    np.testing.assert_array_equal(batch["attention_mask"].sum(-1).reshape(-1), data.lengths[rows(batch)])
+    np.testing.assert_array_equal(batch["label"].reshape(-1), data.labels[rows(batch)])
+
+
+def test_epochs_drop_the_partial_batch_and_visit_each_example_once():
+    iterator = train_iterator(fake_dataset(50))
+    assert iterator.steps_per_epoch == 6
+    epoch = [row for batch in itertools.islice(iterator, 6) for row in rows(batch)]
+    assert len(set(epoch)) == 48
+    assert iterator.state() == {"epoch": 1, "step": 0}
+
+
+def test_shuffling_depends_on_seed_and_epoch():
+    data = fake_dataset()
+    first = [rows(b) for b in itertools.islice(train_iterator(data, seed=0), 12)]
+    again = [rows(b) for b in itertools.islice(train_iterator(data, seed=0), 12)]
+    other_seed = [rows(b) for b in itertools.islice(train_iterator(data, seed=1), 12)]
+    assert first == again
+    assert first[:6] != other_seed[:6]
+    assert first[:6] != first[6:]  # epoch 1 is ordered differently from epoch 0
+
+
+def test_resume_continues_with_identical_batches():
+    data = fake_dataset()
+    reference = train_iterator(data, seed=3)
+    expected = list(itertools.islice(reference, 15))
+    interrupted = train_iterator(data, seed=3)
+    list(itertools.islice(interrupted, 8))
+    state = interrupted.state()
+    assert state == {"epoch": 1, "step": 2}
+    resumed = train_iterator(data, seed=3)
+    resumed.restore(state)
+    assert (resumed.epoch, resumed.step) == (1, 2)
+    for want, got in zip(expected[8:], itertools.islice(resumed, 7)):
+        assert want.keys() == got.keys()
+        for key in want:
+            np.testing.assert_array_equal(want[key], got[key])
+
+
+def test_restore_rejects_a_state_that_does_not_fit():
+    with pytest.raises(errors.CheckpointError, match="steps per epoch"):
+        train_iterator(fake_dataset()).restore({"epoch": 0, "step": 6})
+
+
+def test_two_hosts_partition_the_global_batch():
+    data = fake_dataset()
+    whole = train_iterator(data, global_batch_size=8, num_devices=2)
+    hosts = [train_iterator(data, global_batch_size=8, num_devices=1, process_index=i, process_count=2) for i in (0, 1)]
+    for _ in range(10):
+        expected = next(whole)
+        parts = [next(h) for h in hosts]
+        for key in expected:
+            # Host i holds rows [4i, 4i + 4) of the global batch, at the global batch's length.
+            joined = np.concatenate([p[key].reshape(4, *p[key].shape[2:]) for p in parts])
+            np.testing.assert_array_equal(joined, expected[key].reshape(8, *expected[key].shape[2:]))
+
+
+def test_batch_size_must_divide_over_hosts_and_devices():
+    with pytest.raises(errors.ConfigError, match="global_batch_size=6"):
+        train_iterator(fake_dataset(), global_batch_size=6, num_devices=2, process_count=2)
+    with pytest.raises(errors.ConfigError, match="global_batch_size=64 is larger than the dataset"):
+        train_iterator(fake_dataset(50), global_batch_size=64)
+
+
+# --- Evaluation batches ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_eval_batches_score_every_example_exactly_once(process_count):
+    data = fake_dataset(53)
+    scored, total_weight = [], 0.0
+    for process_index in range(process_count):
+        for batch in input_pipeline.eval_batches(
+            data,
+            global_batch_size=8,
+            num_devices=2,
+            buckets=(4, 8),
+            process_index=process_index,
+            process_count=process_count,
+        ):
+            assert batch["input_ids"].shape[:2] == (2, 4 // process_count)
+            assert batch["idx"].shape == batch["weight"].shape == (2, 4 // process_count)
+            real = batch["weight"] > 0
+            scored += batch["idx"][real].tolist()
+            total_weight += batch["weight"].sum()
+            assert (batch["idx"][~real] == -1).all()
+            assert batch["attention_mask"].sum(-1).min() > 0
+    assert total_weight == 53
+    assert sorted(scored) == list(range(53))
+
+
+def test_eval_batches_check_batch_size_before_iterating():
+    with pytest.raises(errors.ConfigError, match="global_batch_size=7"):
+        input_pipeline.eval_batches(fake_dataset(), global_batch_size=7, num_devices=2, process_index=0, process_count=1)
