@@ -33,6 +33,8 @@ setuptools.setup(
             "scikit-learn>=1.4",
             "scipy>=1.11",
             "hypothesis>=6.100",
+            # Reads glue/* through tfds.data_source and tfds.testing.mock_data: no TensorFlow needed.
+            "tensorflow-datasets>=4.9.7",
         ],
         "tfds": ["tensorflow-datasets>=4.9.7"],
         "tpu": ["jax[tpu]"],
