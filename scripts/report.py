@@ -11,6 +11,7 @@ rate, epochs, seeds and, for "adapters (best size)", the adapter size). Our scor
 
 import argparse
 import collections
+import dataclasses
 import json
 import math
 import pathlib
@@ -82,7 +83,7 @@ def column_scores(run: Run) -> dict[str, float]:
     if task != "mnli":
         return {task: 100 * run["score"]} if task in paper.COLUMNS else {}
     scores = {"mnli_m": 100 * run["score"]}
-    mismatched = [v for k, v in run.get("dev_metrics", {}).items() if _MISMATCHED.search(k.lower())]
+    mismatched = [v for k, v in (run.get("dev_metrics") or {}).items() if _MISMATCHED.search(k.lower())]
     if mismatched:
         scores["mnli_mm"] = 100 * mismatched[0]
     return scores
@@ -102,20 +103,25 @@ def best_runs(runs: Iterable[Run]) -> BestRuns:
 
 
 def _rank(run: Run) -> tuple[float, float]:
-    return run["score"], -run.get("trainable_params", 0)
+    return run["score"], -(run.get("trainable_params") or 0)
 
 
 def _method_order(method: Method) -> tuple:
     source, name = method
-    family = next(i for i, prefix in enumerate(("full", BEST_SIZE, "adapters", "top_k", "")) if name.startswith(prefix))
+    prefixes = ("full", BEST_SIZE, "adapters", "top_k", "")
+    family = next(i for i, prefix in enumerate(prefixes) if name.startswith(prefix))
     return source != OUR_SOURCE, source, family, int(re.sub(r"\D", "", name) or 0), name
 
 
+@dataclasses.dataclass(frozen=True)
 class _Row:
-    """One table row or plot point: the paper's or ours, with scores per Table 1 column in percent."""
+    """One table row or plot point, the paper's or ours: scores per Table 1 column in percent."""
 
-    def __init__(self, label: str, source: str, fraction: float, scores: Mapping[str, float], total: float):
-        self.label, self.source, self.fraction, self.scores, self.total = label, source, fraction, scores, total
+    label: str
+    source: str
+    fraction: float  # trained parameters per task / base model
+    scores: Mapping[str, float]
+    total: float  # total parameters for nine tasks / base model
 
     def mean(self, columns: Sequence[str]) -> float | None:
         values = [self.scores[c] for c in columns if c in self.scores]
@@ -308,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         method = (args.submission_source, args.submission_method)
         copied = copy_submission(best, method, args.submission_dir)
         missing = [task for task, run in sorted(best[method].items()) if not run.get("test_predictions_dir")]
-        print(f"copied {len(copied)} prediction files to {args.submission_dir}; no predictions for: {missing or 'none'}")
+        print(f"copied {len(copied)} prediction files to {args.submission_dir}; "
+              f"no predictions for: {missing or 'none'}")
 
 
 if __name__ == "__main__":

@@ -208,9 +208,9 @@ def report_commands(flags: argparse.Namespace) -> list[Step]:
              for t, path in zip(flags.tasks, local)]
     report = f"python3 scripts/report.py --results={','.join(local)} --out_dir=$HOME/report"
     upload = f"gcloud storage rsync -r $HOME/report {shlex.quote(_run_dir(flags) + '/report')}"
+    collect = " && ".join([f"cd {REMOTE_DIR}", "mkdir -p $HOME/results", *fetch, report, upload])
     return [
-        Step("collect results and render the report (worker 0)",
-             ssh(flags, " && ".join([f"cd {REMOTE_DIR}", "mkdir -p $HOME/results", *fetch, report, upload]), worker="0")),
+        Step("collect results and render the report (worker 0)", ssh(flags, collect, worker="0")),
         Step(f"copy the report to {flags.local_out} (by hand: mkdir -p it first)",
              ["gcloud", "storage", "rsync", "-r", f"{_run_dir(flags)}/report", str(flags.local_out)]),
     ]
@@ -222,7 +222,7 @@ def plan(flags: argparse.Namespace) -> list[Step]:
         Step("copy the project to every worker", copy_project_command(flags)),
         Step("install the project on every worker and check the TPU", install_command(flags)),
         *data_commands(flags),
-        *[Step(f"sweep {task} (results in {workdir(flags, task)})", sweep_command(flags, task)) for task in flags.tasks],
+        *[Step(f"sweep {t} (results in {workdir(flags, t)})", sweep_command(flags, t)) for t in flags.tasks],
         *report_commands(flags),
     ]
 
