@@ -71,10 +71,11 @@ def _read_tsv(task: Task, split: str, glue_dir: pathlib.Path) -> list[Example]:
     if lines[-1] == "":
         lines.pop()
     is_test = split.startswith("test")
-    if task.headerless_columns is not None and not is_test:
-        header, first_line = task.headerless_columns, 1
-    else:
-        header, first_line = tuple(lines.pop(0).split("\t")) if lines else (), 2
+    has_header = task.headerless_columns is None or is_test
+    header = tuple(lines.pop(0).split("\t")) if has_header and lines else task.headerless_columns
+    if not lines:
+        raise errors.DataError(f"{path}: no examples (task {task.name!r}, split {split!r})")
+    first_line = 2 if has_header else 1  # file line number of the first example
 
     def column(name: str) -> int:
         if name not in header:
@@ -99,10 +100,12 @@ def _read_tsv(task: Task, split: str, glue_dir: pathlib.Path) -> list[Example]:
         else:
             idx = _parse(int, fields[index_col], where, f"{task.index_column!r} value")
         label = None if label_col is None else _parse_label(task, fields[label_col], where)
-        examples.append(Example(idx, texts[0], texts[1] if len(texts) > 1 else None, label))
-    if not examples:
-        raise errors.DataError(f"{path}: no examples (task {task.name!r}, split {split!r})")
+        examples.append(_example(idx, texts, label))
     return examples
+
+
+def _example(idx: int, texts: list[str], label: int | float | None) -> Example:
+    return Example(idx, texts[0], texts[1] if len(texts) > 1 else None, label)
 
 
 def _parse(convert, value: str, where: str, what: str):
@@ -127,7 +130,15 @@ def _read_tfds(task: Task, split: str, data_dir: str | os.PathLike | None) -> li
     # TFDS registers its builders lazily; importing the module makes glue/* known by name.
     from tensorflow_datasets.text import glue  # noqa: F401
 
-    data_source = tfds.data_source(task.tfds_name, split=task.tfds_splits[split], data_dir=data_dir)
+    tfds_split = task.tfds_splits[split]
+    # No download: a reader on every host must not start fetching and preparing GLUE.
+    try:
+        data_source = tfds.data_source(task.tfds_name, split=tfds_split, data_dir=data_dir, download=False)
+    except NotImplementedError as e:  # what TFDS raises when no array_record copy is prepared
+        raise errors.DataError(
+            f"TFDS {task.tfds_name} (task {task.name!r}, split {tfds_split!r}) is not prepared in the "
+            f"array_record format under data_dir={data_dir}: {e}"
+        ) from e
     is_test = split.startswith("test")
     examples = []
     for record in data_source:
@@ -138,9 +149,9 @@ def _read_tfds(task: Task, split: str, data_dir: str | os.PathLike | None) -> li
             label = float(record["label"])
         else:
             label = int(record["label"])
-        examples.append(Example(int(record["idx"]), texts[0], texts[1] if len(texts) > 1 else None, label))
+        examples.append(_example(int(record["idx"]), texts, label))
     if not examples:
-        raise errors.DataError(f"TFDS {task.tfds_name} split {split!r} has no examples")
+        raise errors.DataError(f"TFDS {task.tfds_name} split {tfds_split!r} has no examples")
     # TFDS stores records shuffled; file order (idx) makes both sources agree row for row.
     return sorted(examples, key=lambda e: e.idx)
 

@@ -137,10 +137,19 @@ def test_bad_regression_label_names_file_and_line(tmp_path):
         input_pipeline.read_examples(tasks.get_task("stsb"), "train", glue_dir=tmp_path)
 
 
-def test_empty_split_is_an_error(tmp_path):
-    write(tmp_path / "SST-2" / "dev.tsv", ["sentence\tlabel"])
-    with pytest.raises(errors.DataError, match="no examples"):
-        input_pipeline.read_examples(tasks.get_task("sst2"), "dev", glue_dir=tmp_path)
+@pytest.mark.parametrize(
+    "name, folder, lines", [("sst2", "SST-2", ["sentence\tlabel"]), ("sst2", "SST-2", []), ("cola", "CoLA", [])]
+)
+def test_empty_split_is_an_error(tmp_path, name, folder, lines):
+    write(tmp_path / folder / "dev.tsv", lines)
+    with pytest.raises(errors.DataError, match=f"{tmp_path / folder / 'dev.tsv'}: no examples"):
+        input_pipeline.read_examples(tasks.get_task(name), "dev", glue_dir=tmp_path)
+
+
+def test_missing_column_names_file_and_column(tmp_path):
+    write(tmp_path / "RTE" / "test.tsv", ["id\tsentence1\tsentence2", "0\ta\tb"])
+    with pytest.raises(errors.DataError, match="test.tsv: no column 'index'"):
+        input_pipeline.read_examples(tasks.get_task("rte"), "test", glue_dir=tmp_path)
 
 
 def test_unknown_split_lists_splits(tmp_path):
@@ -172,6 +181,12 @@ def test_tfds_source_yields_the_tsv_fields(glue_dir, tmp_path, name, split):
     # The same Python types as the TSV reader gives for RTE.
     tsv = input_pipeline.read_examples(tasks.get_task("rte"), "dev", glue_dir=glue_dir)[0]
     assert [type(getattr(tsv, f)) for f in ("idx", "text_a", "text_b", "label")] == [int, str, str, int]
+
+
+def test_tfds_source_without_prepared_data_names_dataset_and_dir(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(errors.DataError, match=f"glue/rte \\(task 'rte', split 'validation'\\).*{tmp_path}"):
+        input_pipeline.read_examples(tasks.get_task("rte"), "dev", source="tfds", tfds_data_dir=tmp_path)
 
 
 # --- Tokenization ------------------------------------------------------------------------------
