@@ -202,6 +202,12 @@ def export_pretrained(
     for path, leaf in flat.items():
         value = np.asarray(leaf, dtype=np.float32)
         tensors[_hf_name(path)] = np.ascontiguousarray(value.T if path[-1] == "kernel" else value)
+    tokenizer_files = []
+    if tokenizer_dir is not None:
+        tokenizer_files = [pathlib.Path(tokenizer_dir) / name for name in TOKENIZER_FILES]
+        tokenizer_files = [path for path in tokenizer_files if path.is_file()]
+        if not tokenizer_files:
+            raise errors.WeightsError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer_dir}")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_config = {
@@ -214,13 +220,8 @@ def export_pretrained(
     (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
     # transformers refuses safetensors files without a "format" entry in their metadata.
     safetensors.numpy.save_file(tensors, out_dir / SAFETENSORS_FILE, metadata={"format": "pt"})
-    if tokenizer_dir is not None:
-        found = [pathlib.Path(tokenizer_dir) / name for name in TOKENIZER_FILES]
-        found = [path for path in found if path.is_file()]
-        if not found:
-            raise errors.WeightsError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer_dir}")
-        for path in found:
-            shutil.copy(path, out_dir / path.name)
+    for path in tokenizer_files:
+        shutil.copy(path, out_dir / path.name)
     return out_dir
 
 
