@@ -30,3 +30,81 @@ def glue_dir() -> pathlib.Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, minilm_dir) -> pathlib.Path:
+    """A randomly initialised 2-layer BERT (hidden 32) in HF layout, with MiniLM's tokenizer files."""
+    import jax
+    import jax.numpy as jnp
+
+    from adapter_jax import modeling, weights
+
+    config = modeling.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    ids = jnp.zeros((1, 8), jnp.int32)
+    params = modeling.BertModel(config).init(jax.random.PRNGKey(0), ids, ids, jnp.ones_like(ids))["params"]
+    out = tmp_path_factory.mktemp("tiny-bert")
+    weights.export_pretrained(config, params, out, tokenizer_dir=minilm_dir)
+    return out
+
+
+# A learnable toy RTE: the hypothesis is entailed when its noun appears in the premise.
+_NOUNS = ("cat", "dog", "bird", "fish", "horse", "cow", "lion", "bear")
+
+
+def _toy_rte_rows(count: int, seed: int, labelled: bool) -> list[str]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(count):
+        premise_nouns = rng.choice(_NOUNS, size=2, replace=False)
+        entailed = bool(rng.integers(2))
+        noun = premise_nouns[0] if entailed else next(n for n in _NOUNS if n not in premise_nouns)
+        fields = [str(index), f"the {premise_nouns[0]} and the {premise_nouns[1]} sleep .", f"a {noun} sleeps ."]
+        if labelled:
+            fields.append("entailment" if entailed else "not_entailment")
+        rows.append("\t".join(fields))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_glue_dir(tmp_path_factory) -> pathlib.Path:
+    """A GLUE-layout folder with a small, learnable RTE-format task."""
+    root = tmp_path_factory.mktemp("glue")
+    (root / "RTE").mkdir()
+    header = "index\tsentence1\tsentence2"
+    for split, count, seed in (("train", 64, 0), ("dev", 24, 1), ("test", 20, 2)):
+        labelled = split != "test"
+        lines = [header + ("\tlabel" if labelled else "")] + _toy_rte_rows(count, seed, labelled)
+        (root / "RTE" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir, tiny_glue_dir):
+    """A fast RTE config on the tiny model and toy data: 8 steps per epoch at global batch 8."""
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from configs import glue
+
+    config = glue.get_config("rte")
+    config.model = str(tiny_model_dir)
+    config.glue_dir = str(tiny_glue_dir)
+    config.max_seq_length = 32
+    config.buckets = (16, 32)
+    config.global_batch_size = 8
+    config.eval_batch_size = 8
+    config.num_epochs = 2
+    config.learning_rate = 1e-2
+    config.adapter_size = 8
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 4
+    return config

@@ -1,0 +1,51 @@
+"""Entry point: flags -> config -> train_and_evaluate or predict.
+
+    python -m adapter_jax.main --config=configs/glue.py:rte --workdir=/tmp/rte [--mode=predict]
+"""
+
+import json
+import os
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from adapter_jax import train
+from adapter_jax.errors import AdapterJaxError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs, the adapter export and predictions.")
+flags.DEFINE_enum("mode", "train", ["train", "predict"], "Train (resuming from the workdir), or predict test.")
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/glue.py:rte.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _is_multihost() -> bool:
+    """Every host of a TPU pod lists all workers in TPU_WORKER_HOSTNAMES; one name means one host."""
+    return len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if _is_multihost():
+        jax.distributed.initialize()
+    logging.info("JAX devices: %d local, %d global", jax.local_device_count(), jax.device_count())
+    run = train.train_and_evaluate if FLAGS.mode == "train" else train.predict
+    try:
+        result = run(FLAGS.config, FLAGS.workdir)
+    except train.Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except (AdapterJaxError, train.NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, AdapterJaxError) else 1)
+    print(json.dumps(result, indent=2, default=str))
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

