@@ -123,7 +123,13 @@ class BertEmbeddings(nn.Module):
                 name=name,
             )
 
-        positions = jnp.arange(input_ids.shape[-1])[None, :]
+        length = input_ids.shape[-1]
+        if length > config.max_position_embeddings:
+            # nn.Embed would silently clip the out-of-range positions.
+            raise errors.ConfigError(
+                f"sequence length {length} exceeds max_position_embeddings {config.max_position_embeddings}"
+            )
+        positions = jnp.arange(length)[None, :]
         x = (
             embed(config.vocab_size, "word_embeddings")(input_ids)
             + embed(config.max_position_embeddings, "position_embeddings")(positions)
@@ -149,7 +155,7 @@ class BertSelfAttention(nn.Module):
             return y.reshape(*y.shape[:-1], heads, head_dim)
 
         query, key, value = project("query"), project("key"), project("value")
-        scores = jnp.einsum("bqhc,bkhc->bhqk", query, key).astype(jnp.float32)
+        scores = jnp.einsum("bqhc,bkhc->bhqk", query, key, preferred_element_type=jnp.float32)
         scores = scores / jnp.sqrt(jnp.float32(head_dim)) + attention_bias
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         probs = nn.Dropout(config.attention_probs_dropout_prob)(probs, deterministic=deterministic)

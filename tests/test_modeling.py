@@ -113,6 +113,12 @@ def test_padding_does_not_change_token_outputs(minilm, batch):
     np.testing.assert_allclose(sequence[row, :length], sequence_alone[0], atol=1e-5)
 
 
+def test_sequences_longer_than_the_position_table_are_refused():
+    ids = jnp.ones((1, TINY.max_position_embeddings + 1), jnp.int32)
+    with pytest.raises(errors.ConfigError, match="max_position_embeddings"):
+        jax.eval_shape(BertModel(TINY).init, jax.random.key(0), ids, ids, ids)
+
+
 def test_config_from_dict_ignores_other_hf_keys_and_round_trips(minilm_dir):
     d = json.loads((minilm_dir / "config.json").read_text())
     config = BertConfig.from_dict(d)
