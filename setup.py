@@ -35,9 +35,11 @@ setuptools.setup(
             "hypothesis>=6.100",
             # Reads glue/* through tfds.data_source and tfds.testing.mock_data: no TensorFlow needed.
             "tensorflow-datasets>=4.9.7",
+            "matplotlib>=3.8",
         ],
         "tfds": ["tensorflow-datasets>=4.9.7"],
-        "tpu": ["jax[tpu]"],
+        # gcsfs lets checkpoints, exports and results live in a gs:// workdir.
+        "tpu": ["jax[tpu]", "gcsfs"],
         "report": ["matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["adapter-jax=adapter_jax.main:run"]},

@@ -100,7 +100,7 @@ def export_adapters(directory: epath.PathLike, params: Mapping[str, Any], metada
     target = directory / EXPORT_FILE
     temporary = directory / f".{EXPORT_FILE}.tmp-{os.getpid()}"
     temporary.write_bytes(data)
-    temporary.rename(target)
+    temporary.replace(target)
     return target
 
 

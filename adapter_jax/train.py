@@ -10,7 +10,7 @@ import functools
 import json
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax
@@ -221,26 +221,30 @@ def evaluate(
 
 
 class MetricWriter:
-    """Scalars to TensorBoard event files and a JSON-lines log in the workdir (process 0 only)."""
+    """Scalars to TensorBoard event files and a JSON-lines log in the workdir (process 0 only).
+
+    The JSON-lines file is rewritten whole rather than appended to, since object stores such as
+    gs:// cannot append; earlier lines (of a run that resumed) are kept.
+    """
 
     def __init__(self, workdir: epath.Path):
         self._enabled = jax.process_index() == 0
         if self._enabled:
             self._tensorboard = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
-            self._jsonl = (workdir / "metrics.jsonl").open("a")
+            self._jsonl = workdir / "metrics.jsonl"
+            self._lines = self._jsonl.read_text().splitlines() if self._jsonl.exists() else []
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self._enabled:
             return
         for name, value in scalars.items():
             self._tensorboard.add_scalar(name, value, step)
-        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-        self._jsonl.flush()
+        self._lines.append(json.dumps({"step": step, **scalars}))
+        self._jsonl.write_text("\n".join(self._lines) + "\n")
 
     def close(self) -> None:
         if self._enabled:
             self._tensorboard.close()
-            self._jsonl.close()
 
 
 class _StopSignals:
