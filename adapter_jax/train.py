@@ -512,7 +512,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         "main_metric": task.main_metric,
         "score": best["score"],
         "best_step": best["step"],
-        "dev_metrics": best["metrics"][task.dev_splits[0]],
+        "dev_metrics": _flat_dev_metrics(task, best["metrics"]),
         "all_dev_metrics": best["metrics"],
         "final_dev_metrics": last_results,
         "skipped_steps": skipped_steps,
@@ -522,6 +522,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _flat_dev_metrics(task: tasks.Task, results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The main dev split's metrics, plus other dev splits' as '<split>/<metric>' (MNLI mismatched)."""
+    flat = dict(results[task.dev_splits[0]])
+    for split in task.dev_splits[1:]:
+        flat.update({f"{split}/{name}": value for name, value in results[split].items()})
+    return flat
 
 
 def predict(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:

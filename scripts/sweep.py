@@ -1,0 +1,156 @@
+"""The paper's hyperparameter sweep for one task, resumable, with one results file.
+
+Runs every point of (mode x learning rate x epochs x adapter size x seed), each in its own workdir
+under --workdir; finished runs (a summary.json) are skipped and interrupted ones resume from their
+checkpoints, so a preempted sweep continues where it stopped when rerun. Every finished run is a
+line of <workdir>/results.jsonl; the best run on dev per mode is printed and written to best.json.
+
+    # the paper's grid (Section 3.1) for RTE on BERT-large
+    python scripts/sweep.py --config=configs/glue.py:rte --workdir=/tmp/sweep/rte \
+        --config.model=bert-large-uncased
+    # a sub-grid, with the full fine-tuning baseline
+    python scripts/sweep.py --config=configs/glue.py:rte --workdir=/tmp/sweep/rte \
+        --modes=adapters,full --learning_rates=3e-4,3e-3 --epochs=3 --adapter_sizes=64 --seeds=0
+"""
+
+import itertools
+import json
+import pathlib
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from adapter_jax import train  # noqa: E402
+from configs.glue import PAPER_ADAPTER_SIZES, PAPER_EPOCHS, PAPER_LEARNING_RATES  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/glue.py:rte; --config.KEY overrides.")
+flags.DEFINE_string("workdir", None, "Root folder: one sub-folder per run, results.jsonl, best.json.")
+flags.DEFINE_list("modes", ["adapters"], "Modes to run: adapters, full, top_k, layernorm.")
+flags.DEFINE_list("learning_rates", [str(lr) for lr in PAPER_LEARNING_RATES], "Learning rates.")
+flags.DEFINE_list("epochs", [str(e) for e in PAPER_EPOCHS], "Epoch counts.")
+flags.DEFINE_list("adapter_sizes", [str(m) for m in PAPER_ADAPTER_SIZES], "Adapter sizes (adapters mode only).")
+flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds; the paper takes the best of 5 on dev.")
+flags.DEFINE_list("top_k", ["1"], "Layers fine-tuned in top_k mode.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+RESULTS_FILE = "results.jsonl"
+FAILURES_FILE = "failures.jsonl"
+
+
+def grid(
+    modes: Sequence[str],
+    learning_rates: Sequence[float],
+    epochs: Sequence[int],
+    adapter_sizes: Sequence[int],
+    seeds: Sequence[int],
+    top_k: Sequence[int] = (1,),
+) -> Iterator[dict[str, Any]]:
+    """Config overrides of every run; adapter sizes vary only in adapters mode, k only in top_k mode."""
+    for mode in modes:
+        sizes = adapter_sizes if mode == "adapters" else [0]
+        ks = top_k if mode == "top_k" else [0]
+        for lr, num_epochs, size, k, seed in itertools.product(learning_rates, epochs, sizes, ks, seeds):
+            overrides = {"mode": mode, "learning_rate": lr, "num_epochs": num_epochs, "seed": seed, "top_k": k}
+            if mode == "adapters":
+                overrides["adapter_size"] = size
+            yield overrides
+
+
+def run_name(overrides: dict[str, Any]) -> str:
+    mode = overrides["mode"]
+    detail = {"adapters": f"m{overrides.get('adapter_size')}", "top_k": f"k{overrides['top_k']}"}.get(mode, "")
+    return "-".join(
+        part
+        for part in (mode, detail, f"lr{overrides['learning_rate']:g}", f"ep{overrides['num_epochs']}",
+                     f"seed{overrides['seed']}")
+        if part
+    )
+
+
+def best_run(results: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The run with the highest dev score (the task's main metric); ties go to the earlier run."""
+    return max(results, key=lambda r: r["score"], default=None)
+
+
+def sweep(
+    base_config,
+    workdir: epath.PathLike,
+    runs: Sequence[dict[str, Any]],
+    train_fn: Callable[[Any, epath.Path], dict[str, Any]] = train.train_and_evaluate,
+) -> list[dict[str, Any]]:
+    """Runs (or skips, or resumes) each run; returns every finished run's result, in grid order."""
+    import jax
+
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_primary = jax.process_index() == 0  # every host of a pod runs the sweep; one writes its files
+    results, failures = [], []
+    for overrides in runs:
+        run_dir = workdir / run_name(overrides)
+        summary_file, failure_file = run_dir / "summary.json", run_dir / "failure.json"
+        if summary_file.exists():
+            logging.info("Skipping finished run %s.", run_dir)
+            summary = json.loads(summary_file.read_text())
+        elif failure_file.exists():  # a diverged run diverges again: same seed, same data
+            failures.append(json.loads(failure_file.read_text()))
+            continue
+        else:
+            config = base_config.copy_and_resolve_references()
+            config.update(overrides)
+            try:
+                summary = train_fn(config, run_dir)
+            except train.NonFiniteLoss as e:
+                failure = {"workdir": str(run_dir), **overrides, "error": str(e)}
+                if is_primary:
+                    failure_file.write_text(json.dumps(failure))
+                failures.append(failure)
+                logging.warning("Run %s diverged: %s", run_dir, e)
+                continue
+        results.append({**summary, "workdir": str(run_dir), "source": "adapter-jax"})
+        if is_primary:
+            _write_jsonl(workdir / RESULTS_FILE, results)
+    if is_primary:
+        _write_jsonl(workdir / RESULTS_FILE, results)
+        _write_jsonl(workdir / FAILURES_FILE, failures)
+    return results
+
+
+def _write_jsonl(path: epath.Path, records: Sequence[dict[str, Any]]) -> None:
+    """Rewritten whole (object stores cannot append), from the runs' own summaries, so it never duplicates."""
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import jax
+
+    runs = list(
+        grid(
+            FLAGS.modes,
+            [float(lr) for lr in FLAGS.learning_rates],
+            [int(e) for e in FLAGS.epochs],
+            [int(m) for m in FLAGS.adapter_sizes],
+            [int(s) for s in FLAGS.seeds],
+            [int(k) for k in FLAGS.top_k],
+        )
+    )
+    logging.info("Sweep of %d runs into %s", len(runs), FLAGS.workdir)
+    results = sweep(FLAGS.config, FLAGS.workdir, runs)
+    if jax.process_index() != 0:
+        return
+    best = {mode: best_run([r for r in results if r["mode"] == mode]) for mode in FLAGS.modes}
+    (epath.Path(FLAGS.workdir) / "best.json").write_text(json.dumps(best, indent=2))
+    for mode, run in best.items():
+        if run:
+            print(f"best {mode}: {run['main_metric']} {run['score']:.4f} ({run['workdir']})")
+
+
+if __name__ == "__main__":
+    app.run(main)

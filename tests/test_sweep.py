@@ -1,0 +1,65 @@
+"""The sweep: finishes a tiny grid, skips finished runs, resumes an interrupted one, picks the best."""
+
+import json
+import shutil
+
+import pytest
+
+from scripts import sweep
+
+
+@pytest.fixture
+def counting_train(monkeypatch):
+    """The real train_and_evaluate, counting the runs it is asked to do."""
+    calls = []
+
+    def train_fn(config, workdir):
+        calls.append(workdir.name)
+        return sweep.train.train_and_evaluate(config, workdir)
+
+    return calls, train_fn
+
+
+def test_grid_follows_the_paper():
+    runs = list(sweep.grid(["adapters", "full"], [3e-5, 3e-4, 3e-3], [3, 20], [8, 64, 256], [0, 1, 2, 3, 4]))
+    assert len(runs) == 3 * 2 * 3 * 5 + 3 * 2 * 5
+    assert len({sweep.run_name(r) for r in runs}) == len(runs)
+    assert all("adapter_size" not in r for r in runs if r["mode"] == "full")
+
+
+def test_sweep_skips_finished_runs_resumes_interrupted_ones_and_picks_the_best(tiny_config, tmp_path, counting_train):
+    calls, train_fn = counting_train
+    tiny_config.num_epochs = 1  # 8 steps a run; checkpoints at 4 and 8
+    runs = list(sweep.grid(["adapters", "full"], [1e-2, 1e-3], [1], [8], [0]))
+    first = sweep.sweep(tiny_config, tmp_path, runs, train_fn)
+    assert len(calls) == 4 and len(first) == 4
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["score"] for r in lines] == [r["score"] for r in first]
+    assert {r["mode"] for r in lines} == {"adapters", "full"}
+    assert all(r["trainable_fraction"] < 0.5 for r in lines if r["mode"] == "adapters")
+
+    calls.clear()
+    again = sweep.sweep(tiny_config, tmp_path, runs, train_fn)
+    assert calls == [] and again == first
+
+    # Interrupt one run after its step-4 checkpoint: only that run trains again, and resumes to the same end.
+    interrupted = tmp_path / sweep.run_name(runs[1])
+    (interrupted / "summary.json").unlink()
+    shutil.rmtree(interrupted / "checkpoints" / "8")
+    calls.clear()
+    resumed = sweep.sweep(tiny_config, tmp_path, runs, train_fn)
+    assert calls == [interrupted.name]
+    metrics = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 8
+    for before, after in zip(first, resumed):
+        assert before["dev_metrics"] == after["dev_metrics"] and before["final_dev_metrics"] == after["final_dev_metrics"]
+
+    best = sweep.best_run(resumed)
+    assert best["score"] == max(r["score"] for r in resumed)
+    assert best["main_metric"] == "accuracy"
+
+
+def test_best_run_uses_the_tasks_main_metric_score():
+    results = [{"score": 0.2, "workdir": "a"}, {"score": 0.7, "workdir": "b"}, {"score": 0.7, "workdir": "c"}]
+    assert sweep.best_run(results)["workdir"] == "b"
+    assert sweep.best_run([]) is None
