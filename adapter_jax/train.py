@@ -178,10 +178,13 @@ def load_dataset(config: ml_collections.ConfigDict, task: tasks.Task, split: str
         tfds_data_dir=config.tfds_data_dir or None,
     )
     if split == "train" and 0 < config.max_train_examples < len(examples):
-        # A fixed subset (seed 0, not the run's seed) so every run of a sweep sees the same data.
-        keep = np.sort(np.random.default_rng(0).permutation(len(examples))[: config.max_train_examples])
-        examples = [examples[i] for i in keep]
+        examples = [examples[i] for i in train_subset_indices(len(examples), config.max_train_examples)]
     return input_pipeline.tokenize(examples, tokenizer, config.max_seq_length)
+
+
+def train_subset_indices(num_examples: int, subset_size: int) -> np.ndarray:
+    """A fixed subset (seed 0, not the run's seed), in file order, so every run of a sweep sees the same data."""
+    return np.sort(np.random.default_rng(0).permutation(num_examples)[:subset_size])
 
 
 def predict_dataset(

@@ -6,8 +6,8 @@ batches), each setting in its own process so peak memory is its own:
     python scripts/benchmark.py                      # adapters and full, plus the peer if set up
     python scripts/benchmark.py --steps=10 --peer_python=~/.cache/adapter-peer-venv/bin/python
 
-The peer is ../shared/bench/peer/train_adapterhub.py (PyTorch, AdapterHub `adapters`), run with
-the same model, batch, sequence length and adapter size, padded to 128 like our static shapes.
+The peer is ../shared/bench/peer/train_adapterhub.py (PyTorch, AdapterHub `adapters`), run through
+scripts/peer.py with the same model, batch, sequence length and adapter size, padded to 128 as here.
 """
 
 import json
@@ -21,7 +21,10 @@ import time
 from absl import app, flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-PEER_SCRIPT = REPO_ROOT.parent / "shared" / "bench" / "peer" / "train_adapterhub.py"
+
+sys.path.insert(0, str(REPO_ROOT))
+
+from scripts import peer  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("only", None, ["adapters", "full"], "Measure one mode in this process (used by the driver).")
@@ -31,7 +34,7 @@ flags.DEFINE_integer("seq_length", 128, "Tokens per example (every batch padded 
 flags.DEFINE_integer("adapter_size", 64, "Adapter bottleneck size.")
 flags.DEFINE_string("glue_dir", os.environ.get("GLUE_DIR", str(REPO_ROOT.parent / "shared" / "data" / "glue")),
                     "GLUE folder (RTE batches are timed).")
-flags.DEFINE_string("peer_python", os.path.expanduser("~/.cache/adapter-peer-venv/bin/python"),
+flags.DEFINE_string("peer_python", peer.DEFAULT_PEER_PYTHON,
                     "Python of the peer's virtual environment (made by its setup.sh); skipped if missing.")
 
 
@@ -44,7 +47,6 @@ def measure(mode: str) -> dict:
     import jax
     from flax import jax_utils
 
-    sys.path.insert(0, str(REPO_ROOT))
     from adapter_jax import input_pipeline, optim, train
     from configs import glue
 
@@ -107,20 +109,12 @@ def _run_self(mode: str) -> dict:
 
 
 def _run_peer(full: bool) -> dict:
-    """The AdapterHub reference with our settings: GELU adapters of the same size, LayerNorms trained,
-    a one-layer head, weight decay 0.01, every batch padded to the same length."""
-    hidden = 384
-    command = [
-        os.path.expanduser(FLAGS.peer_python), str(PEER_SCRIPT), "--task=rte",
-        f"--data={pathlib.Path(FLAGS.glue_dir) / 'RTE'}", f"--max-steps={FLAGS.steps + 3}",
-        f"--batch-size={FLAGS.batch_size}", f"--max-seq-len={FLAGS.seq_length}", "--pad=max_length",
-        "--no-eval", "--head-layers=1", "--weight-decay=0.01", "--threads=2",
-    ]
-    command += ["--full"] if full else [
-        f"--reduction-factor={hidden / FLAGS.adapter_size}", "--non-linearity=gelu", "--train-layer-norms"
-    ]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    return peer.run(peer.peer_command(
+        python=os.path.expanduser(FLAGS.peer_python), task="rte", data_dir=pathlib.Path(FLAGS.glue_dir) / "RTE",
+        full=full, learning_rate=3e-5 if full else 3e-3, adapter_size=FLAGS.adapter_size,
+        batch_size=FLAGS.batch_size, max_seq_length=FLAGS.seq_length, pad="max_length",
+        max_steps=FLAGS.steps + 3, evaluate=False,  # the peer times steps after its first 3
+    ))
 
 
 def main(argv: list[str]) -> None:
