@@ -38,8 +38,9 @@ setuptools.setup(
             "matplotlib>=3.8",
         ],
         "tfds": ["tensorflow-datasets>=4.9.7"],
-        # gcsfs lets checkpoints, exports and results live in a gs:// workdir.
-        "tpu": ["jax[tpu]", "gcsfs"],
+        # gcsfs (checkpoints, exports, results) and google-cloud-storage (TensorBoard events) let the
+        # workdir be a gs:// bucket.
+        "tpu": ["jax[tpu]", "gcsfs", "google-cloud-storage"],
         "report": ["matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["adapter-jax=adapter_jax.main:run"]},

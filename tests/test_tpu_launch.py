@@ -60,9 +60,10 @@ def test_dry_run_prints_the_whole_sequence_and_runs_nothing(capsys):
     for task, sweep in (("rte", sweep_rte), ("mnli", sweep_mnli)):
         assert "--worker=all" in sweep
         sweep_argv = shlex.split(_ssh_command(sweep).split(" && ")[-1])
-        assert sweep_argv[:3] == ["python3", "scripts/sweep.py", f"--task={task}"]
+        assert sweep_argv[:3] == ["python3", "scripts/sweep.py", f"--config=configs/glue.py:{task}"]
         assert f"--workdir=gs://my-bucket/adapter-jax/adapters-glue/{task}" in sweep_argv
-        assert "--model=bert-large-uncased" in sweep_argv
+        assert "--config.model=bert-large-uncased" in sweep_argv
+        assert {"--config.data_source=tfds", "--config.dtype=bfloat16"} <= set(sweep_argv)
     assert "gs://my-bucket/adapter-jax/adapters-glue/mnli/results.jsonl" in _ssh_command(report)
     assert "scripts/report.py" in _ssh_command(report)
     assert fetch[-2:] == ["gs://my-bucket/adapter-jax/adapters-glue/report", "tpu_runs/adapters-glue"]
@@ -72,14 +73,15 @@ def test_dry_run_prints_the_whole_sequence_and_runs_nothing(capsys):
 def test_keep_spot_gcs_folder_git_repo_and_grid(capsys):
     commands = _dry_run(capsys, "--keep", "--spot", "--glue_source=gs://data/glue", "--tasks=rte",
                         "--repo=https://github.com/example/adapter-jax.git", "--learning_rates=3e-4",
-                        "--sweep_flags=--config.dtype=bfloat16")
+                        "--dtype=float32", "--sweep_flags=--config.max_seq_length=256")
     assert not any("delete" in argv for argv in commands)
     assert commands[0][-1] == "--spot"
     assert _ssh_command(commands[1]) == "git clone --depth=1 https://github.com/example/adapter-jax.git adapter-jax"
     assert _ssh_command(commands[3]) == "gcloud storage rsync -r gs://data/glue $HOME/glue_data"
     sweep = _ssh_command(commands[4])
-    assert "GLUE_DIR=$HOME/glue_data python3 scripts/sweep.py --task=rte" in sweep
-    assert sweep.endswith("--learning_rates=3e-4 --config.dtype=bfloat16")
+    assert "GLUE_DIR=$HOME/glue_data python3 scripts/sweep.py --config=configs/glue.py:rte" in sweep
+    assert "--config.dtype=float32" in sweep and "--config.data_source" not in sweep
+    assert sweep.endswith("--learning_rates=3e-4 --config.max_seq_length=256")
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -117,7 +119,7 @@ class FakeGcloud:
 
 def test_a_failing_step_stops_the_sequence_and_still_deletes(tmp_path, capsys):
     flags = launch.parse_flags([*BASE, f"--local_out={tmp_path}"])
-    gcloud = FakeGcloud(fail_on="--task=rte")
+    gcloud = FakeGcloud(fail_on="--config=configs/glue.py:rte")
     with pytest.raises(launch.StepError, match=r"step 'sweep rte .*' failed \(exit 1\)"):
         launch.launch(flags, run=gcloud)
     verbs = [argv[4] if argv[1] == "compute" else argv[2] for argv in gcloud.calls]

@@ -109,7 +109,7 @@ def test_one_and_two_devices_give_the_same_parameters(tiny_config):
     for num_devices in (1, 2):
         _, state, iterator, p_step = _setup_and_steps(tiny_config, num_devices)
         results.append(_run_steps(state, iterator, p_step, num_devices, steps=4).params)
-    for one, two in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    for one, two in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
         np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-6)
 
 
@@ -136,7 +136,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path):
     assert resumed["final_dev_metrics"] == uninterrupted["final_dev_metrics"]
     assert resumed["dev_metrics"] == uninterrupted["dev_metrics"]
     a, b = _final_checkpoint_params(tmp_path / "a"), _final_checkpoint_params(interrupted_dir)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
 
 

@@ -91,6 +91,8 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--bucket", required=True, type=_bucket, help="gs://BUCKET[/PREFIX] for data and results")
     parser.add_argument("--tasks", "--task", default=("rte",), type=_tasks, help="comma-separated GLUE tasks")
     parser.add_argument("--model", default="bert-large-uncased")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="computation dtype on the TPU (parameters stay float32)")
     parser.add_argument("--glue_source", default="tfds", type=_glue_source,
                         help="'tfds' (built once into the bucket) or a gs:// folder in the GLUE TSV layout")
     parser.add_argument("--repo", default=str(REPO_ROOT), help="git URL to clone, or local folder to copy")
@@ -190,8 +192,10 @@ def data_commands(flags: argparse.Namespace) -> list[Step]:
 
 
 def sweep_command(flags: argparse.Namespace, task: str) -> list[str]:
-    sweep = ["python3", "scripts/sweep.py", f"--task={task}", f"--workdir={workdir(flags, task)}",
-             f"--model={flags.model}"]
+    sweep = ["python3", "scripts/sweep.py", f"--config=configs/glue.py:{task}", f"--workdir={workdir(flags, task)}",
+             f"--config.model={flags.model}", f"--config.dtype={flags.dtype}"]
+    if flags.glue_source == "tfds":  # read from TFDS's default folder, where the data step copied it
+        sweep.append("--config.data_source=tfds")
     sweep += [f"--{name}={getattr(flags, name)}" for name in ("modes", "learning_rates", "epochs", "adapter_sizes",
                                                               "seeds") if getattr(flags, name)]
     sweep += shlex.split(flags.sweep_flags)
