@@ -23,6 +23,7 @@ import tensorboardX
 from absl import logging
 from etils import epath
 from flax import jax_utils
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from adapter_jax import checkpoint, input_pipeline, metrics, optim, submission, tasks, validation, weights
@@ -198,9 +199,11 @@ def predict_dataset(
         num_devices=jax.local_device_count(),
         buckets=tuple(config.buckets),
     ):
-        logits = np.asarray(p_eval_step(params, batch))
-        real = batch["weight"].reshape(-1) > 0
-        outputs[batch["idx"].reshape(-1)[real]] = logits.reshape(-1, logits.shape[-1])[real]
+        logits, rows, weight = np.asarray(p_eval_step(params, batch)), batch["idx"], batch["weight"]
+        if jax.process_count() > 1:  # each host scored its slice of the batch; every host needs all rows
+            logits, rows, weight = multihost_utils.process_allgather((logits, rows, weight))
+        real = weight.reshape(-1) > 0
+        outputs[rows.reshape(-1)[real]] = logits.reshape(-1, logits.shape[-1])[real]
     return outputs
 
 
