@@ -5,6 +5,7 @@ Everything here is host-side numpy: the pipeline knows no model, only its tokeni
 """
 
 import dataclasses
+import math
 import os
 import pathlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -67,7 +68,10 @@ def _read_tsv(task: Task, split: str, glue_dir: pathlib.Path) -> list[Example]:
         )
     # GLUE files hold quote characters inside fields (QNLI), so no CSV parser: split on "\n"
     # and "\t" only. utf-8-sig drops the byte-order mark some MRPC copies start with.
-    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
+    except UnicodeDecodeError as e:
+        raise errors.DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if lines[-1] == "":
         lines.pop()
     is_test = split.startswith("test")
@@ -117,7 +121,10 @@ def _parse(convert, value: str, where: str, what: str):
 
 def _parse_label(task: Task, value: str, where: str) -> int | float:
     if task.labels is None:
-        return _parse(float, value, where, "regression label")
+        label = _parse(float, value, where, "regression label")
+        if not math.isfinite(label):  # float() reads "nan" and "inf", which would poison the loss
+            raise errors.DataError(f"{where}: bad regression label {value!r}")
+        return label
     if value not in task.labels:
         raise errors.DataError(
             f"{where}: unknown label {value!r} for task {task.name!r}; expected one of {task.labels}"
