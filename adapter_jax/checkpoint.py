@@ -74,7 +74,12 @@ def latest_meta(manager: ocp.CheckpointManager) -> dict | None:
     step = manager.latest_step()
     if step is None:
         return None
-    return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    try:
+        return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    except Exception as e:  # orbax raises many types; the user needs the path and the cause
+        raise CheckpointError(
+            f"cannot read the metadata of checkpoint step {step} in {manager.directory}: {type(e).__name__}: {e}"
+        ) from e
 
 
 def fingerprint(params: Mapping[str, Any]) -> str:

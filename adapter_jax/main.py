@@ -26,6 +26,37 @@ def _is_multihost() -> bool:
     return len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
 
 
+def _usage_error(message: str) -> None:
+    print(f"error: {message}\nPass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a mistake on the command line reported as `error: ...` (exit 2).
+
+    config_flags raises plain exceptions, not flags.Error, for an override of a key the config
+    does not have (AttributeError wrapping a KeyError, or TypeError below a tuple) and, at first
+    use of the config, for a config file it cannot load (OSError); absl would print their stack
+    instead of the key or file at fault.
+    """
+    try:
+        args = FLAGS(argv)
+    except flags.Error as e:
+        _usage_error(str(e))
+    except AttributeError as e:
+        # The KeyError inside names the key and suggests the nearest known one.
+        cause = e.args[0] if e.args and isinstance(e.args[0], KeyError) else e
+        _usage_error(f"--config: unknown key {cause.args[0] if cause.args else cause}")
+    except TypeError as e:  # e.g. --config.adapter_sites.x=1, a key below a tuple
+        overrides = [arg.split("=")[0] for arg in argv if arg.startswith("--config.")]
+        _usage_error(f"--config: one of {', '.join(overrides)} does not fit the config ({e})")
+    try:
+        FLAGS.config.keys()  # config_flags reports a config file it cannot load at first use only
+    except OSError as e:
+        _usage_error(f"--config: {e}")
+    return args
+
+
 def main(argv: list[str]) -> None:
     del argv
     if _is_multihost():
@@ -44,7 +75,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Checks a config before anything is loaded or compiled, and reports every problem at once."""
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -10,13 +11,15 @@ import ml_collections
 from etils import epath
 
 from adapter_jax import checkpoint, optim, tasks, weights
-from adapter_jax.errors import AdapterJaxError, ConfigError
+from adapter_jax.errors import AdapterJaxError, CheckpointError, ConfigError
 from adapter_jax.modeling import BertConfig
 
 ADAPTER_SITES = ("attention", "output")
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("tsv", "tfds")
 ON_NONFINITE = ("stop", "skip")
+# Tasks with a train split; AX has test data only and is predicted with an MNLI model.
+TRAINABLE_TASKS = tuple(sorted(name for name, task in tasks.TASKS.items() if "train" in task.splits))
 # Keys that may change when a run resumes; every other key defines the run and must match.
 RESUMABLE_KEYS = frozenset(
     {"log_every_steps", "checkpoint_every_steps", "checkpoints_to_keep", "eval_batch_size", "glue_dir",
@@ -32,11 +35,16 @@ def _non_negative_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _number(low: float, high: float = float("inf"), *, low_inclusive: bool = True) -> Callable[[Any], bool]:
+def _number(
+    low: float, high: float = math.inf, *, low_inclusive: bool = True, high_inclusive: bool = True
+) -> Callable[[Any], bool]:
     def check(value: Any) -> bool:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        # NaN fails every comparison; infinity would pass an open upper bound, and is no setting either.
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             return False
-        return (low <= value if low_inclusive else low < value) and value <= high
+        above_low = low <= value if low_inclusive else low < value
+        below_high = value <= high if high_inclusive else value < high
+        return above_low and below_high
 
     return check
 
@@ -51,10 +59,13 @@ def _int_tuple(value: Any) -> bool:
 
 # Every key the trainer reads, with its check and what is allowed. A key not listed is unknown.
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "task": (_one_of(tuple(tasks.TASKS)), f"one of {sorted(tasks.TASKS)}"),
+    "task": (_one_of(TRAINABLE_TASKS), f"one of {list(TRAINABLE_TASKS)} (ax is predicted by an mnli run)"),
     "model": (lambda v: isinstance(v, str) and bool(v), "a model folder or hub name"),
     "dtype": (_one_of(DTYPES), f"one of {DTYPES}"),
-    "dropout_rate": (_number(-1.0, 1.0), "a probability in [0, 1), or < 0 for the checkpoint's own"),
+    "dropout_rate": (
+        _number(-math.inf, 1.0, high_inclusive=False),
+        "a probability in [0, 1), or < 0 for the checkpoint's own",
+    ),
     "mode": (_one_of(optim.MODES), f"one of {optim.MODES}"),
     "adapter_size": (_positive_int, "a positive integer no larger than the hidden size"),
     "adapter_init_std": (_number(0.0, low_inclusive=False), "a positive number"),
@@ -94,8 +105,10 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 def validate_config(config: ml_collections.ConfigDict, workdir: epath.PathLike | None = None) -> None:
     """Raises ConfigError listing every problem, each with the key at fault and what is allowed."""
     problems = list(_key_problems(config))
-    if not problems:
-        problems += _consistency_problems(config)
+    # Checks across keys run on the keys that are valid on their own, so that one bad key does not
+    # hide the problems of the others.
+    bad_keys = {problem.split(":")[0] for problem in problems}
+    problems += _consistency_problems(config, bad_keys)
     if workdir is not None:
         problems += _workdir_problems(config, epath.Path(workdir))
     if problems:
@@ -112,34 +125,41 @@ def _key_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
             yield f"{key}: {config[key]!r} is not allowed (must be {allowed})"
 
 
-def _consistency_problems(config: ml_collections.ConfigDict) -> list[str]:
-    """Checks across keys and against the model, the devices and the data."""
+def _consistency_problems(config: ml_collections.ConfigDict, bad_keys: set[str]) -> list[str]:
+    """Checks across keys and against the model, the devices and the data, of keys valid on their own."""
     problems = []
+
+    def valid(*keys: str) -> bool:
+        return not bad_keys.intersection(keys)
+
     devices = jax.device_count()
     for key in ("global_batch_size", "eval_batch_size"):
-        if config[key] % devices:
+        if valid(key) and config[key] % devices:
             problems.append(f"{key}: {config[key]} is not divisible by the {devices} devices")
-    try:
-        bert_config = BertConfig.from_json_file(weights.resolve_model_dir(config.model) / "config.json")
-    except AdapterJaxError as e:
-        problems.append(f"model: {e}")
-    else:
-        if config.mode == "adapters" and config.adapter_size > bert_config.hidden_size:
+    bert_config = None
+    if valid("model"):
+        try:
+            bert_config = BertConfig.from_json_file(weights.resolve_model_dir(config.model) / "config.json")
+        except AdapterJaxError as e:
+            problems.append(f"model: {e}")
+    if bert_config is not None:
+        adapters = valid("mode", "adapter_size") and config.mode == "adapters"
+        if adapters and config.adapter_size > bert_config.hidden_size:
             problems.append(
                 f"adapter_size: {config.adapter_size} is larger than the hidden size {bert_config.hidden_size}"
             )
-        if config.max_seq_length > bert_config.max_position_embeddings:
+        if valid("max_seq_length") and config.max_seq_length > bert_config.max_position_embeddings:
             problems.append(
                 f"max_seq_length: {config.max_seq_length} is above the model's "
                 f"max_position_embeddings {bert_config.max_position_embeddings}"
             )
         layers = bert_config.num_hidden_layers
-        if config.mode == "top_k" and not 1 <= config.top_k <= layers:
+        if valid("mode", "top_k") and config.mode == "top_k" and not 1 <= config.top_k <= layers:
             problems.append(f"top_k: {config.top_k} must be in 1..{layers} in top_k mode")
-        bad_layers = [layer for layer in config.adapter_layers if layer >= layers]
+        bad_layers = [layer for layer in config.adapter_layers if layer >= layers] if valid("adapter_layers") else []
         if bad_layers:
             problems.append(f"adapter_layers: {bad_layers} beyond the model's {layers} layers (0..{layers - 1})")
-    if config.data_source == "tsv":
+    if valid("data_source", "task", "glue_dir") and config.data_source == "tsv":
         task = tasks.get_task(config.task)
         for split in ("train", *task.dev_splits):
             path = epath.Path(config.glue_dir) / task.dir_name / task.splits[split]
@@ -156,7 +176,10 @@ def _workdir_problems(config: ml_collections.ConfigDict, workdir: epath.Path) ->
         probe.unlink()
     except OSError as e:
         return [f"workdir: {workdir} cannot be written ({e.strerror or e})"]
-    saved = saved_config(workdir)
+    try:
+        saved = saved_config(workdir)
+    except CheckpointError as e:
+        return [f"workdir: {e}; use a new workdir, or delete that checkpoint to resume from the one before"]
     if saved is None:
         return []
     differences = [
