@@ -5,6 +5,7 @@ enter the loss as constants, so XLA computes no weight gradients for them and th
 mean (`lax.pmean`) carries only trainable gradients.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -191,7 +192,7 @@ def train_subset_indices(num_examples: int, subset_size: int) -> np.ndarray:
 def predict_dataset(
     p_eval_step, params: Any, dataset: input_pipeline.TokenizedDataset, config: ml_collections.ConfigDict
 ) -> np.ndarray:
-    """Model outputs for every example of `dataset`, in dataset order: class ids, or floats for regression."""
+    """Logits for every example of `dataset`, in dataset order, on every host."""
     outputs = np.zeros((len(dataset), params_num_labels(params)), np.float32)
     for batch in input_pipeline.eval_batches(
         dataset,
@@ -396,6 +397,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     manager = checkpoint.checkpoint_manager(workdir / "checkpoints", max_to_keep=config.checkpoints_to_keep)
     best = {"score": -float("inf"), "step": 0, "metrics": {}}
     previous_wall_time = 0.0
+    skipped_steps = 0
+    last_finite_loss = float("nan")
     restored = checkpoint.restore_checkpoint(manager, _checkpointable(state, setup.labels))
     if restored is not None:
         saved, meta = restored
@@ -408,6 +411,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         train_iter.restore(meta["data"])
         best = meta["best"]
         previous_wall_time = meta["wall_time_s"]
+        skipped_steps = meta.get("skipped_steps", 0)
+        last_finite_loss = meta.get("last_finite_loss", float("nan"))
         logging.info("Resumed from %s at step %d.", manager.directory, int(state.step))
 
     p_train_step = jax.pmap(
@@ -422,8 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     step = int(state.step)
     writer = MetricWriter(workdir)
     pending: list[tuple[int, dict]] = []  # device metrics not yet read, so the host does not wait each step
-    skipped_steps = 0
-    last_finite_loss = float("nan")
+    saved_step = step  # the step of the latest checkpoint (or 0)
 
     def flush_metrics() -> None:
         nonlocal skipped_steps, last_finite_loss
@@ -443,6 +447,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         pending.clear()
 
     def save(force: bool = False) -> None:
+        nonlocal saved_step
         flush_metrics()
         host_state = jax.device_get(jax_utils.unreplicate(_checkpointable(p_state, setup.labels)))
         meta = {
@@ -450,8 +455,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             "best": best,
             "wall_time_s": previous_wall_time + time.time() - start_time,
             "config": config.to_dict(),
+            "skipped_steps": skipped_steps,  # so that a resumed run's summary counts them all
+            "last_finite_loss": last_finite_loss,
         }
         checkpoint.save_checkpoint(manager, step, host_state, meta, force=force)
+        saved_step = step
 
     def evaluate_and_keep_best() -> dict:
         nonlocal best
@@ -467,7 +475,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
 
     last_results: dict = {}
     window_start, window_steps = time.time(), 0
-    with _StopSignals() as signals, tqdm(
+    # However the loop ends (done, a signal, a non-finite loss, an error), closing the manager completes
+    # a checkpoint still being written in the background, which would otherwise stay a temporary folder.
+    with _StopSignals() as signals, contextlib.closing(manager), contextlib.closing(writer), tqdm(
         total=total_steps, initial=step, disable=jax.process_index() != 0, desc=task.name
     ) as progress:
         while step < total_steps:
@@ -491,19 +501,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                 window_start, window_steps = time.time(), 0
             progress.update(1)
             if step % steps_per_epoch == 0 or step == total_steps:
+                flush_metrics()  # a non-finite step stops the run before it evaluates and exports
                 last_results = evaluate_and_keep_best()
                 save()
             elif step % config.checkpoint_every_steps == 0:
                 save()
             if signals.received is not None:
-                save(force=True)
-                manager.wait_until_finished()
-                writer.close()
+                if saved_step != step:  # else just saved above, and orbax refuses to save a step twice
+                    save(force=True)
                 raise Preempted(signals.received, step, workdir)
     if not last_results:  # resumed after the final step was already checkpointed
         last_results = evaluate(p_eval_step, p_state.params, dev_data, task, config)
-    manager.wait_until_finished()
-    writer.close()
 
     summary = {
         "task": task.name,
