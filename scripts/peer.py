@@ -1,7 +1,8 @@
 """Runs the AdapterHub reference trainer (../shared/bench/peer/) with our settings, side by side.
 
 The peer (PyTorch, AdapterHub `adapters`) is set to what our config does: GELU adapters of the same
-size at both sites, LayerNorms trained, a one-layer head on [CLS], AdamW with weight decay 0.01,
+size at both sites, LayerNorms trained, a dense-tanh-linear head on [CLS] (AdapterHub's default, the
+counterpart of BERT's pooler + classifier when the pooler trains), AdamW with weight decay 0.01,
 10% warmup then linear decay, batch 32, 128 tokens. Its result becomes a results.jsonl line in our
 schema (source "adapterhub"), so scripts/report.py puts it in the same table.
 
@@ -52,7 +53,7 @@ def peer_command(
     command = [
         python, str(PEER_SCRIPT), f"--task={_PEER_TASKS[task]}", f"--data={data_dir}", f"--lr={learning_rate}",
         f"--epochs={epochs}", f"--batch-size={batch_size}", f"--max-seq-len={max_seq_length}", f"--pad={pad}",
-        f"--seed={seed}", f"--max-steps={max_steps}", "--head-layers=1", "--weight-decay=0.01",
+        f"--seed={seed}", f"--max-steps={max_steps}", "--head-layers=2", "--weight-decay=0.01",
         "--warmup-ratio=0.1", "--threads=2",
     ]
     if not evaluate:
