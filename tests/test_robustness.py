@@ -95,9 +95,12 @@ def _start(workdir, model_dir, glue_dir) -> subprocess.Popen:
     ]
     # The same device count as this process (conftest), so every run computes exactly the same.
     env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"]}
-    return subprocess.Popen(
-        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    # Output goes to a file: a pipe nobody reads while the test polls would fill and stall the run.
+    log_path = pathlib.Path(workdir) / f"run-{time.time_ns()}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process.log_path = log_path
+    return process
 
 
 def _wait_for_step(process: subprocess.Popen, workdir, step: int, timeout: float = 120.0) -> int:
@@ -105,10 +108,9 @@ def _wait_for_step(process: subprocess.Popen, workdir, step: int, timeout: float
     metrics = pathlib.Path(workdir) / "metrics.jsonl"
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert process.poll() is None, process.communicate()
-        steps = [int(m) for m in re.findall(r'"step": (\d+), "train/loss"', metrics.read_text())] if (
-            metrics.exists()
-        ) else []
+        assert process.poll() is None, _output(process)
+        logged = metrics.read_text() if metrics.exists() else ""
+        steps = [int(m) for m in re.findall(r'"step": (\d+), "train/loss"', logged)]
         if steps and steps[-1] >= step:
             return steps[-1]
         time.sleep(0.05)
@@ -116,9 +118,18 @@ def _wait_for_step(process: subprocess.Popen, workdir, step: int, timeout: float
     pytest.fail(f"no step {step} in {metrics} after {timeout} s")
 
 
+def _output(process: subprocess.Popen) -> str:
+    return process.log_path.read_text()
+
+
 def _finish(process: subprocess.Popen, timeout: float = 180.0) -> tuple[int, str]:
-    _, stderr = process.communicate(timeout=timeout)
-    return process.returncode, stderr
+    """(exit status, stdout and stderr) of a run."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return process.returncode, _output(process)
 
 
 def test_sigterm_checkpoints_the_current_step_and_a_rerun_finishes_identically(
@@ -289,7 +300,7 @@ def test_a_bin_that_runs_code_when_unpickled_is_refused_unrun(tiny_model_dir, tm
     if writer == "torch.save":
         torch.save(payload, path)
     else:
-        path.write_bytes(pickle.dumps(payload))
+        path.write_bytes(pickle.dumps(payload, protocol=2))  # torch's own protocol
 
     with pytest.raises(errors.WeightsError, match=re.escape(str(path))):
         weights.load_pretrained(folder)
