@@ -113,6 +113,17 @@ def train_step(
     return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
+def replicate(tree: Any) -> Any:
+    """Copies `tree` to every local device laid out as pmap's own outputs are.
+
+    flax's jax_utils.replicate lays arrays out on another mesh, which under JAX's shard_map-based
+    pmap makes the second training step compile the whole program again.
+    """
+    count = jax.local_device_count()
+    stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (count, *np.shape(x))), tree)
+    return jax.pmap(lambda x: x, axis_name=AXIS)(stacked)
+
+
 def eval_step(params: Any, batch: Mapping[str, jax.Array], *, model: BertForSequenceClassification) -> jax.Array:
     """Logits for one device's shard of an evaluation batch."""
     return model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
@@ -423,7 +434,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         donate_argnums=(0,),
     )
     p_eval_step = jax.pmap(functools.partial(eval_step, model=setup.model), axis_name=AXIS)
-    p_state = jax_utils.replicate(state)
+    p_state = replicate(state)
     step = int(state.step)
     writer = MetricWriter(workdir)
     pending: list[tuple[int, dict]] = []  # device metrics not yet read, so the host does not wait each step
@@ -556,7 +567,7 @@ def predict(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[
     setup, _ = load_export_onto_base(config, workdir / "export")
     tokenizer = input_pipeline.load_tokenizer(setup.model_dir)
     p_eval_step = jax.pmap(functools.partial(eval_step, model=setup.model), axis_name=AXIS)
-    params = jax_utils.replicate(setup.params)
+    params = replicate(setup.params)
     dev_data = {split: load_dataset(config, setup.task, split, tokenizer) for split in setup.task.dev_splits}
     dev_results = evaluate(p_eval_step, params, dev_data, setup.task, config)
     prediction_tasks = [setup.task] + ([tasks.get_task("ax")] if setup.task.name == "mnli" else [])

@@ -45,7 +45,6 @@ def _peak_rss_mib() -> float:
 def measure(mode: str) -> dict:
     """Examples/s of compiled training steps in `mode`, in this process."""
     import jax
-    from flax import jax_utils
 
     from adapter_jax import input_pipeline, optim, train
     from configs import glue
@@ -74,7 +73,7 @@ def measure(mode: str) -> dict:
         axis_name=train.AXIS,
         donate_argnums=(0,),
     )
-    p_state = jax_utils.replicate(state)
+    p_state = train.replicate(state)
     batches = [next(iterator) for _ in range(FLAGS.steps + 1)]
     compile_start = time.perf_counter()
     p_state, metrics = p_step(p_state, batches[0])

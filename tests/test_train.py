@@ -187,7 +187,7 @@ def test_real_minilm_rte_end_to_end(glue_dir, minilm_dir, tmp_path):
     tokenizer = input_pipeline.load_tokenizer(setup.model_dir)
     dev = {"dev": train.load_dataset(config, setup.task, "dev", tokenizer)}
     p_eval = jax.pmap(functools.partial(train.eval_step, model=setup.model), axis_name=train.AXIS)
-    results = train.evaluate(p_eval, jax_utils.replicate(setup.params), dev, setup.task, config)
+    results = train.evaluate(p_eval, train.replicate(setup.params), dev, setup.task, config)
     assert results == summary["all_dev_metrics"]
 
 
@@ -203,3 +203,12 @@ def test_compiled_step_skips_weight_gradients_of_frozen_layers(tiny_config):
         analysis = analysis[0] if isinstance(analysis, list) else analysis
         flops[mode] = analysis["flops"]
     assert flops["adapters"] < 0.8 * flops["full"], flops
+
+
+def test_replicated_state_is_laid_out_like_the_steps_outputs(tiny_config):
+    """Otherwise JAX compiles the whole training step a second time on step 2."""
+    _, state, iterator, p_step = _setup_and_steps(tiny_config, num_devices=jax.local_device_count())
+    p_state = train.replicate(state)
+    before = [leaf.sharding for leaf in jax.tree.leaves(p_state)]
+    p_state, _ = p_step(p_state, next(iterator))
+    assert [leaf.sharding for leaf in jax.tree.leaves(p_state)] == before
