@@ -562,7 +562,7 @@ def predict(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[
 
     For MNLI the diagnostic set (AX) is predicted too, as GLUE asks.
     """
-    validation.validate_config(config)
+    validation.validate_config(config, training=False)
     workdir = epath.Path(workdir)
     setup, _ = load_export_onto_base(config, workdir / "export")
     tokenizer = input_pipeline.load_tokenizer(setup.model_dir)

@@ -102,13 +102,18 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def validate_config(config: ml_collections.ConfigDict, workdir: epath.PathLike | None = None) -> None:
-    """Raises ConfigError listing every problem, each with the key at fault and what is allowed."""
+def validate_config(
+    config: ml_collections.ConfigDict, workdir: epath.PathLike | None = None, *, training: bool = True
+) -> None:
+    """Raises ConfigError listing every problem, each with the key at fault and what is allowed.
+
+    `training` asks for the train and dev files; prediction (False) needs dev and test instead.
+    """
     problems = list(_key_problems(config))
     # Checks across keys run on the keys that are valid on their own, so that one bad key does not
     # hide the problems of the others.
     bad_keys = {problem.split(":")[0] for problem in problems}
-    problems += _consistency_problems(config, bad_keys)
+    problems += _consistency_problems(config, bad_keys, training)
     if workdir is not None:
         problems += _workdir_problems(config, epath.Path(workdir))
     if problems:
@@ -125,7 +130,7 @@ def _key_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
             yield f"{key}: {config[key]!r} is not allowed (must be {allowed})"
 
 
-def _consistency_problems(config: ml_collections.ConfigDict, bad_keys: set[str]) -> list[str]:
+def _consistency_problems(config: ml_collections.ConfigDict, bad_keys: set[str], training: bool) -> list[str]:
     """Checks across keys and against the model, the devices and the data, of keys valid on their own."""
     problems = []
 
@@ -161,7 +166,8 @@ def _consistency_problems(config: ml_collections.ConfigDict, bad_keys: set[str])
             problems.append(f"adapter_layers: {bad_layers} beyond the model's {layers} layers (0..{layers - 1})")
     if valid("data_source", "task", "glue_dir") and config.data_source == "tsv":
         task = tasks.get_task(config.task)
-        for split in ("train", *task.dev_splits):
+        needed = ("train", *task.dev_splits) if training else (*task.dev_splits, *task.test_splits)
+        for split in needed:
             path = epath.Path(config.glue_dir) / task.dir_name / task.splits[split]
             if not path.exists():
                 problems.append(f"glue_dir: {path} not found (task {config.task}, split {split})")

@@ -212,3 +212,15 @@ def test_replicated_state_is_laid_out_like_the_steps_outputs(tiny_config):
     before = [leaf.sharding for leaf in jax.tree.leaves(p_state)]
     p_state, _ = p_step(p_state, next(iterator))
     assert [leaf.sharding for leaf in jax.tree.leaves(p_state)] == before
+
+
+def test_predict_needs_no_train_file(tiny_config, tmp_path):
+    train.train_and_evaluate(tiny_config, tmp_path / "run")
+    glue = tmp_path / "glue_without_train"
+    shutil.copytree(tiny_config.glue_dir, glue)
+    (glue / "RTE" / "train.tsv").unlink()
+    tiny_config.glue_dir = str(glue)
+    assert train.predict(tiny_config, tmp_path / "run")["submission_files"]
+    (glue / "RTE" / "test.tsv").unlink()
+    with pytest.raises(Exception, match=r"test\.tsv not found"):
+        train.predict(tiny_config, tmp_path / "run")
