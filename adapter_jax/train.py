@@ -278,6 +278,15 @@ class _StopSignals:
     def _handle(self, signum, frame):
         self.received = signum
 
+    def stop_requested(self, step: int, every_steps: int) -> bool:
+        """Whether to stop after `step`. On a pod, all hosts must save the same step, so they agree
+        every `every_steps` steps: a signal that reached any host stops them all."""
+        if jax.process_count() == 1:
+            return self.received is not None
+        if step % every_steps:
+            return False
+        return bool(multihost_utils.process_allgather(np.int32(self.received is not None)).any())
+
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
@@ -517,10 +526,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                 save()
             elif step % config.checkpoint_every_steps == 0:
                 save()
-            if signals.received is not None:
+            if signals.stop_requested(step, config.log_every_steps):
                 if saved_step != step:  # else just saved above, and orbax refuses to save a step twice
                     save(force=True)
-                raise Preempted(signals.received, step, workdir)
+                raise Preempted(signals.received or signal.SIGTERM, step, workdir)
     if not last_results:  # resumed after the final step was already checkpointed
         last_results = evaluate(p_eval_step, p_state.params, dev_data, task, config)
 
