@@ -14,12 +14,17 @@
 # The peer runs adapters (size 64, lr 3e-3) and full fine-tuning (lr 3e-5) with the same settings; its
 # two-layer head (dense-tanh-linear on [CLS], AdapterHub's default) is the counterpart of our trained pooler + head.
 #
-#   bash docs/results/run.sh          # about 100 minutes here; workdirs go to $WORKDIR
+#   bash docs/results/run.sh                              # every task, then the report
+#   bash docs/results/run.sh cola wnli & bash docs/results/run.sh sst2 rte; bash docs/results/run.sh --report
+#                                                         # two at a time: one XLA CPU process keeps ~1.1 cores busy
+# Workdirs go to $WORKDIR; a run already finished there is skipped, an interrupted one resumes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORKDIR=${WORKDIR:-/tmp/adapter-jax-results}
 OUT=docs/results
-: > "$OUT/peer.jsonl.new"
+tasks=("$@")
+[ ${#tasks[@]} -eq 0 ] && tasks=(sst2 rte cola wnli)
+[ "${tasks[0]}" = --report ] && tasks=()
 
 sweep() {  # task, sub-folder, sweep flags...
   local task=$1 name=$2; shift 2
@@ -27,17 +32,23 @@ sweep() {  # task, sub-folder, sweep flags...
       --epochs=3 --seeds=0 "${SUBSET[@]}" "$@"
 }
 
-for task in sst2 rte cola wnli; do
+for task in "${tasks[@]}"; do
   SUBSET=(); PEER_SUBSET=()
   if [ "$task" = sst2 ]; then SUBSET=(--config.max_train_examples=5000); PEER_SUBSET=(--max_train_examples=5000); fi
   LEARNING_RATES=3e-3; [ "$task" = rte ] && LEARNING_RATES=3e-4,3e-3
   sweep "$task" adapters-64 --modes=adapters --adapter_sizes=64 --learning_rates="$LEARNING_RATES" --config.train_pooler=True
   sweep "$task" adapters-8 --modes=adapters --adapter_sizes=8 --learning_rates=3e-3 --config.train_pooler=True
   sweep "$task" full --modes=full --learning_rates=3e-5
-  python3 scripts/peer.py --task="$task" --mode=adapters --learning_rate=3e-3 "${PEER_SUBSET[@]}" --results="$OUT/peer.jsonl.new"
-  python3 scripts/peer.py --task="$task" --mode=full --learning_rate=3e-5 "${PEER_SUBSET[@]}" --results="$OUT/peer.jsonl.new"
+  if [ ! -s "$WORKDIR/$task/peer.jsonl" ]; then
+    rm -f "$WORKDIR/$task/peer.jsonl.new"
+    python3 scripts/peer.py --task="$task" --mode=adapters --learning_rate=3e-3 "${PEER_SUBSET[@]}" --results="$WORKDIR/$task/peer.jsonl.new"
+    python3 scripts/peer.py --task="$task" --mode=full --learning_rate=3e-5 "${PEER_SUBSET[@]}" --results="$WORKDIR/$task/peer.jsonl.new"
+    mv "$WORKDIR/$task/peer.jsonl.new" "$WORKDIR/$task/peer.jsonl"
+  fi
 done
 
-mv "$OUT/peer.jsonl.new" "$OUT/peer.jsonl"
-cat "$WORKDIR"/*/*/results.jsonl > "$OUT/results.jsonl"
-python3 scripts/report.py --results="$OUT/results.jsonl,$OUT/peer.jsonl" --out_dir="$OUT"
+if [ $# -eq 0 ] || [ "$1" = --report ]; then
+  cat "$WORKDIR"/*/*/results.jsonl > "$OUT/results.jsonl"
+  cat "$WORKDIR"/*/peer.jsonl > "$OUT/peer.jsonl"
+  python3 scripts/report.py --results="$OUT/results.jsonl,$OUT/peer.jsonl" --out_dir="$OUT"
+fi
