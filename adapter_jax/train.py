@@ -448,6 +448,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     writer = MetricWriter(workdir)
     pending: list[tuple[int, dict]] = []  # device metrics not yet read, so the host does not wait each step
     saved_step = step  # the step of the latest checkpoint (or 0)
+    window_losses: list[float] = []  # finite losses since the last log line
 
     def flush_metrics() -> None:
         nonlocal skipped_steps, last_finite_loss
@@ -455,6 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             step_metrics = jax.tree.map(lambda x: x[0].item(), device_metrics)
             if step_metrics["finite"]:
                 last_finite_loss = step_metrics["loss"]
+                window_losses.append(last_finite_loss)
                 continue
             if config.on_nonfinite == "stop":
                 raise NonFiniteLoss(
@@ -510,20 +512,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                 flush_metrics()
                 examples_per_second = window_steps * config.global_batch_size / (time.time() - window_start)
                 scalars = {
-                    "train/loss": last_finite_loss,
+                    "train/loss": float(np.mean(window_losses)) if window_losses else last_finite_loss,
                     "train/learning_rate": float(schedule(step)),
                     "train/examples_per_second": examples_per_second,
                     "train/skipped_steps": skipped_steps,
                 }
                 writer.write(step, scalars)
-                progress.set_postfix(loss=f"{last_finite_loss:.4f}", lr=f"{scalars['train/learning_rate']:.2e}",
+                progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/learning_rate']:.2e}",
                                      ex_per_s=f"{examples_per_second:.1f}")
                 window_start, window_steps = time.time(), 0
+                window_losses.clear()
             progress.update(1)
             if step % steps_per_epoch == 0 or step == total_steps:
                 flush_metrics()  # a non-finite step stops the run before it evaluates and exports
                 last_results = evaluate_and_keep_best()
                 save()
+                window_start, window_steps = time.time(), 0  # examples/s measures training alone
             elif step % config.checkpoint_every_steps == 0:
                 save()
             if signals.stop_requested(step, config.log_every_steps):
