@@ -134,6 +134,7 @@ def _parse_label(task: Task, value: str, where: str) -> int | float:
 
 def _read_tfds(task: Task, split: str, data_dir: str | os.PathLike | None) -> list[Example]:
     import tensorflow_datasets as tfds  # optional dependency: pip install adapter-jax[tfds]
+
     # TFDS registers its builders lazily; importing the module makes glue/* known by name.
     from tensorflow_datasets.text import glue  # noqa: F401
 
