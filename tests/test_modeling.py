@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from adapter_jax import errors, weights
+from adapter_jax import errors, modeling, weights
 from adapter_jax.adapters import AdapterConfig
 from adapter_jax.modeling import BertConfig, BertForSequenceClassification, BertModel
 
@@ -180,3 +180,15 @@ def test_params_tree_has_hf_module_names():
         "classifier/kernel",
         "classifier/bias",
     }
+
+
+def test_dropout_keeps_the_expected_fraction_and_rescales():
+    x = jnp.ones((64, 128, 128))
+    dropout = modeling.Dropout(0.1)
+    assert dropout.apply({}, x, deterministic=True) is x
+    y = dropout.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+    kept = np.asarray(y) != 0
+    assert abs(kept.mean() - 0.9) < 0.002  # 1M draws: the standard error is 0.0003
+    np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.9, rtol=1e-6)
+    other = dropout.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+    assert not np.array_equal(kept, np.asarray(other) != 0)
