@@ -132,6 +132,16 @@ def _finish(process: subprocess.Popen, timeout: float = 180.0) -> tuple[int, str
     return process.returncode, _output(process)
 
 
+def _rerun_resumes_to_the_reference(tmp_path, model_dir, glue_dir, resumed_at: int, reference) -> None:
+    """Rerunning the same command resumes at `resumed_at` and ends where the uninterrupted run did."""
+    returncode, stderr = _finish(_start(tmp_path, model_dir, glue_dir))
+    assert returncode == 0, stderr
+    assert re.search(rf"Resumed from .* at step {resumed_at}\.", stderr), stderr
+    step, params = _latest(tmp_path)
+    assert step == 24
+    _assert_same_params(params, reference)
+
+
 def test_sigterm_checkpoints_the_current_step_and_a_rerun_finishes_identically(
     tiny_model_dir, tiny_glue_dir, tmp_path, reference
 ):
@@ -149,12 +159,7 @@ def test_sigterm_checkpoints_the_current_step_and_a_rerun_finishes_identically(
     assert 5 <= stopped_at < 24  # mid-run, and not necessarily at a periodic checkpoint
     assert _latest(tmp_path)[0] == stopped_at
 
-    returncode, stderr = _finish(_start(tmp_path, tiny_model_dir, tiny_glue_dir))
-    assert returncode == 0, stderr
-    assert re.search(rf"Resumed from .* at step {stopped_at}\.", stderr), stderr
-    step, params = _latest(tmp_path)
-    assert step == 24
-    _assert_same_params(params, reference)
+    _rerun_resumes_to_the_reference(tmp_path, tiny_model_dir, tiny_glue_dir, stopped_at, reference)
 
 
 def test_sigkill_loses_only_the_steps_since_the_last_checkpoint_and_ignores_a_half_written_one(
@@ -175,12 +180,7 @@ def test_sigkill_loses_only_the_steps_since_the_last_checkpoint_and_ignores_a_ha
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert _latest(tmp_path)[0] == last_saved
 
-    returncode, stderr = _finish(_start(tmp_path, tiny_model_dir, tiny_glue_dir))
-    assert returncode == 0, stderr
-    assert re.search(rf"Resumed from .* at step {last_saved}\.", stderr), stderr
-    step, params = _latest(tmp_path)
-    assert step == 24
-    _assert_same_params(params, reference)
+    _rerun_resumes_to_the_reference(tmp_path, tiny_model_dir, tiny_glue_dir, last_saved, reference)
     assert not any("tmp" in p.name for p in (tmp_path / "checkpoints").iterdir())
 
 
