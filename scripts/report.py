@@ -179,7 +179,7 @@ def render_table(best: BestRuns, runs: Sequence[Run] = ()) -> str:
         body.append(cells)
     glue_scores = ", ".join(f"{r.name} {r.glue_score}" for r in paper.TABLE_1)
     parts = [
-        "## GLUE, BERT-large: Houlsby et al. (2019) Table 1 and ours",
+        "## Houlsby et al. (2019) Table 1 (BERT-large, GLUE test) beside our runs (their own model, dev)",
         _markdown(header, body),
         f"Paper rows: GLUE test server, percent. Ours: dev set, best run per task and method. {avg_title} is the "
         f"mean over the columns our runs fill, for every row alike; the paper's own \"Total\" (GLUE score, which "
