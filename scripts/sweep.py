@@ -38,6 +38,7 @@ flags.DEFINE_list("epochs", [str(e) for e in PAPER_EPOCHS], "Epoch counts.")
 flags.DEFINE_list("adapter_sizes", [str(m) for m in PAPER_ADAPTER_SIZES], "Adapter sizes (adapters mode only).")
 flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds; the paper takes the best of 5 on dev.")
 flags.DEFINE_list("top_k", ["1"], "Layers fine-tuned in top_k mode.")
+flags.DEFINE_bool("predict_test", True, "Write each run's GLUE test predictions (for scripts/report.py).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 RESULTS_FILE = "results.jsonl"
@@ -84,8 +85,13 @@ def sweep(
     workdir: epath.PathLike,
     runs: Sequence[dict[str, Any]],
     train_fn: Callable[[Any, epath.Path], dict[str, Any]] = train.train_and_evaluate,
+    predict_test: bool = False,
 ) -> list[dict[str, Any]]:
-    """Runs (or skips, or resumes) each run; returns every finished run's result, in grid order."""
+    """Runs (or skips, or resumes) each run; returns every finished run's result, in grid order.
+
+    With `predict_test`, each finished run also writes its GLUE test predictions (<run>/submission/),
+    which scripts/report.py gathers into a submission folder for the best runs.
+    """
     import jax
 
     workdir = epath.Path(workdir)
@@ -102,10 +108,8 @@ def sweep(
             failures.append(json.loads(failure_file.read_text()))
             continue
         else:
-            config = base_config.copy_and_resolve_references()
-            config.update(overrides)
             try:
-                summary = train_fn(config, run_dir)
+                summary = train_fn(config_for(base_config, overrides), run_dir)
             except train.NonFiniteLoss as e:
                 failure = {"workdir": str(run_dir), **overrides, "error": str(e)}
                 if is_primary:
@@ -113,13 +117,25 @@ def sweep(
                 failures.append(failure)
                 logging.warning("Run %s diverged: %s", run_dir, e)
                 continue
-        results.append({**summary, "workdir": str(run_dir), "source": "adapter-jax"})
+        result = {**summary, "workdir": str(run_dir), "source": "adapter-jax"}
+        if predict_test:
+            submission_dir = run_dir / "submission"
+            if not submission_dir.exists():
+                train.predict(config_for(base_config, overrides), run_dir)
+            result["test_predictions_dir"] = str(submission_dir)
+        results.append(result)
         if is_primary:
             _write_jsonl(workdir / RESULTS_FILE, results)
     if is_primary:
         _write_jsonl(workdir / RESULTS_FILE, results)
         _write_jsonl(workdir / FAILURES_FILE, failures)
     return results
+
+
+def config_for(base_config, overrides: dict[str, Any]):
+    config = base_config.copy_and_resolve_references()
+    config.update(overrides)
+    return config
 
 
 def _write_jsonl(path: epath.Path, records: Sequence[dict[str, Any]]) -> None:
@@ -142,7 +158,7 @@ def main(argv: list[str]) -> None:
         )
     )
     logging.info("Sweep of %d runs into %s", len(runs), FLAGS.workdir)
-    results = sweep(FLAGS.config, FLAGS.workdir, runs)
+    results = sweep(FLAGS.config, FLAGS.workdir, runs, predict_test=FLAGS.predict_test)
     if jax.process_index() != 0:
         return
     best = {mode: best_run([r for r in results if r["mode"] == mode]) for mode in FLAGS.modes}
