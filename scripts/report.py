@@ -16,12 +16,12 @@ import json
 import math
 import pathlib
 import re
-import shutil
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import matplotlib
+from etils import epath
 
 matplotlib.use("Agg")  # No display on TPU VMs or CI.
 import matplotlib.pyplot as plt  # noqa: E402
@@ -284,10 +284,12 @@ def copy_submission(best: BestRuns, method: Method, out_dir: str | pathlib.Path)
         predictions = run.get("test_predictions_dir")
         if predictions is None:
             continue
-        files = sorted(pathlib.Path(predictions).glob("*.tsv"))
+        files = sorted(epath.Path(predictions).glob("*.tsv"))  # epath: the sweep's workdir may be gs://
         if not files:
             raise DataError(f"{task}: no *.tsv predictions in {predictions}")
-        copied += [pathlib.Path(shutil.copy2(f, out_dir / f.name)) for f in files]
+        for f in files:
+            (out_dir / f.name).write_bytes(f.read_bytes())
+            copied.append(out_dir / f.name)
     return copied
 
 

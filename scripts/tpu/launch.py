@@ -210,7 +210,8 @@ def report_commands(flags: argparse.Namespace) -> list[Step]:
     local = [f"$HOME/results/{t}.jsonl" for t in flags.tasks]
     fetch = [f"gcloud storage cp {shlex.quote(workdir(flags, t) + '/results.jsonl')} {path}"
              for t, path in zip(flags.tasks, local)]
-    report = f"python3 scripts/report.py --results={','.join(local)} --out_dir=$HOME/report"
+    report = (f"python3 scripts/report.py --results={','.join(local)} --out_dir=$HOME/report"
+              " --submission_dir=$HOME/report/glue_submission")  # the sweep wrote each run's test predictions
     upload = f"gcloud storage rsync -r $HOME/report {shlex.quote(_run_dir(flags) + '/report')}"
     collect = " && ".join([f"cd {REMOTE_DIR}", "mkdir -p $HOME/results", *fetch, report, upload])
     return [
