@@ -15,6 +15,7 @@ setuptools.setup(
         "flax>=0.10.0",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11.0",
+        "etils[epath]",  # paths that may be gs:// (workdirs, exports, results)
         "ml_collections>=0.1.1",
         "absl-py>=2.0",
         "numpy>=1.26",
