@@ -124,6 +124,27 @@ def replicate(tree: Any) -> Any:
     return jax.pmap(lambda x: x, axis_name=AXIS)(stacked)
 
 
+def initial_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1),  # 0 initialised the parameters
+    )
+
+
+def pmapped_train_step(setup: "Setup", tx: optax.GradientTransformation, devices=None):
+    """`train_step` for this model and optimizer, pmapped over `devices` (all local ones by default)."""
+    return jax.pmap(
+        functools.partial(
+            train_step, model=setup.model, tx=tx, labels=setup.labels, is_regression=setup.task.is_regression
+        ),
+        axis_name=AXIS,
+        donate_argnums=(0,),
+        devices=devices,
+    )
+
+
 def eval_step(params: Any, batch: Mapping[str, jax.Array], *, model: BertForSequenceClassification) -> jax.Array:
     """Logits for one device's shard of an evaluation batch."""
     return model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
@@ -350,21 +371,16 @@ def _checkpointable(state: TrainState, labels: Mapping[str, Any]) -> dict:
     }
 
 
-def _count(params: Mapping[str, Any], predicate) -> int:
-    return sum(
-        int(np.prod(np.shape(leaf)))
-        for path, leaf in flax.traverse_util.flatten_dict(params).items()
-        if predicate(path)
-    )
-
-
 def parameter_summary(setup: Setup) -> dict[str, Any]:
     """Parameter counts; the fraction is trained parameters per task over the base model's, as in the paper."""
-    flat_labels = flax.traverse_util.flatten_dict(setup.labels)
-    base = _count(setup.params, lambda path: "adapter" not in path and path[0] != "classifier")
-    trainable = _count(setup.params, lambda path: flat_labels[path] == optim.TRAINABLE)
+    total, trainable = optim.count_parameters(setup.params, setup.labels)
+    added = [  # what the task adds to the base model: adapters and head
+        leaf for path, leaf in flax.traverse_util.flatten_dict(setup.params).items()
+        if "adapter" in path or path[0] == "classifier"
+    ]
+    base = total - sum(int(np.prod(np.shape(leaf))) for leaf in added)
     return {
-        "total_params": _count(setup.params, lambda path: True),
+        "total_params": total,
         "base_params": base,
         "trainable_params": trainable,
         "trainable_fraction": trainable / base,
@@ -407,12 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         max_grad_norm=config.max_grad_norm,
     )
     schedule = optim.learning_rate_schedule(**optimizer_settings)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=setup.params,
-        opt_state=tx.init(setup.params),
-        rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1),
-    )
+    state = initial_state(setup.params, tx, config.seed)
 
     manager = checkpoint.checkpoint_manager(workdir / "checkpoints", max_to_keep=config.checkpoints_to_keep)
     best = {"score": -float("inf"), "step": 0, "metrics": {}}
@@ -435,13 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         last_finite_loss = meta.get("last_finite_loss", float("nan"))
         logging.info("Resumed from %s at step %d.", manager.directory, int(state.step))
 
-    p_train_step = jax.pmap(
-        functools.partial(
-            train_step, model=setup.model, tx=tx, labels=setup.labels, is_regression=task.is_regression
-        ),
-        axis_name=AXIS,
-        donate_argnums=(0,),
-    )
+    p_train_step = pmapped_train_step(setup, tx)
     p_eval_step = jax.pmap(functools.partial(eval_step, model=setup.model), axis_name=AXIS)
     p_state = replicate(state)
     step = int(state.step)

@@ -64,16 +64,8 @@ def measure(mode: str) -> dict:
         buckets=tuple(config.buckets),
     )
     tx = optim.create_optimizer(setup.labels, learning_rate=config.learning_rate, total_steps=1000)
-    state = train.TrainState(
-        step=jax.numpy.zeros((), jax.numpy.int32), params=setup.params, opt_state=tx.init(setup.params),
-        rng=jax.random.PRNGKey(0),
-    )
-    p_step = jax.pmap(
-        lambda s, b: train.train_step(s, b, model=setup.model, tx=tx, labels=setup.labels, is_regression=False),
-        axis_name=train.AXIS,
-        donate_argnums=(0,),
-    )
-    p_state = train.replicate(state)
+    p_step = train.pmapped_train_step(setup, tx)
+    p_state = train.replicate(train.initial_state(setup.params, tx, seed=0))
     batches = [next(iterator) for _ in range(FLAGS.steps + 1)]
     compile_start = time.perf_counter()
     p_state, metrics = p_step(p_state, batches[0])

@@ -6,7 +6,6 @@ import re
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -25,15 +24,8 @@ def _setup_and_steps(config, num_devices: int):
         buckets=tuple(config.buckets), process_index=0, process_count=1,
     )
     tx = optim.create_optimizer(setup.labels, learning_rate=config.learning_rate, total_steps=100)
-    state = train.TrainState(
-        step=jnp.zeros((), jnp.int32), params=setup.params, opt_state=tx.init(setup.params),
-        rng=jax.random.PRNGKey(0),
-    )
-    p_step = jax.pmap(
-        functools.partial(train.train_step, model=setup.model, tx=tx, labels=setup.labels, is_regression=False),
-        axis_name=train.AXIS,
-        devices=jax.local_devices()[:num_devices],
-    )
+    state = train.initial_state(setup.params, tx, seed=0)
+    p_step = train.pmapped_train_step(setup, tx, devices=jax.local_devices()[:num_devices])
     return setup, state, iterator, p_step
 
 
