@@ -13,7 +13,8 @@ import numpy as np
 from adapter_jax import errors
 from adapter_jax.tasks import TASKS, Task
 
-# The nine leaderboard columns that make up the GLUE score (AX is not among them).
+# The ten leaderboard columns that make up the GLUE score: nine tasks, MNLI counted as two (matched and
+# mismatched). AX is not among them.
 GLUE_SCORE_COLUMNS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli_m", "mnli_mm", "qnli", "rte", "wnli")
 
 
