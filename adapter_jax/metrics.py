@@ -11,11 +11,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from adapter_jax import errors
-from adapter_jax.tasks import TASKS, Task
-
-# The ten leaderboard columns that make up the GLUE score: nine tasks, MNLI counted as two (matched and
-# mismatched). AX is not among them.
-GLUE_SCORE_COLUMNS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli_m", "mnli_mm", "qnli", "rte", "wnli")
+from adapter_jax.tasks import GLUE_SCORE_COLUMNS, TASKS, Task
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:

@@ -171,6 +171,16 @@ _ALL = (
 
 TASKS: dict[str, Task] = {task.name: task for task in _ALL}
 
+# The nine GLUE tasks, in the leaderboard's order: those with training data. AX, the diagnostic, has test
+# data only; it is predicted with an MNLI model and scored apart.
+GLUE_TASKS: tuple[str, ...] = tuple(task.name for task in _ALL if "train" in task.splits)
+
+# The ten leaderboard columns that make up the GLUE score, named by `Task.result_name`: nine tasks, MNLI
+# counted as two (matched and mismatched).
+GLUE_SCORE_COLUMNS: tuple[str, ...] = tuple(
+    TASKS[name].result_name(split) for name in GLUE_TASKS for split in TASKS[name].test_splits
+)
+
 
 def get_task(name: str) -> Task:
     """The task called `name` ('rte', 'mnli', ...); errors.ConfigError lists the known names."""

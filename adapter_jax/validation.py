@@ -18,8 +18,8 @@ ADAPTER_SITES = ("attention", "output")
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("tsv", "tfds")
 ON_NONFINITE = ("stop", "skip")
-# Tasks with a train split; AX has test data only and is predicted with an MNLI model.
-TRAINABLE_TASKS = tuple(sorted(name for name, task in tasks.TASKS.items() if "train" in task.splits))
+# AX has test data only and is predicted with an MNLI model.
+TRAINABLE_TASKS = tuple(sorted(tasks.GLUE_TASKS))
 # Keys that may change when a run resumes; every other key defines the run and must match.
 RESUMABLE_KEYS = frozenset(
     {"log_every_steps", "checkpoint_every_steps", "checkpoints_to_keep", "eval_batch_size", "glue_dir",
@@ -196,8 +196,10 @@ def _workdir_problems(config: ml_collections.ConfigDict, workdir: epath.Path) ->
     if not differences:
         return []
     return [
-        f"workdir: {workdir} holds a run with another config; use a new workdir or the same config. "
-        f"Differences: {'; '.join(differences)}"
+        (
+            f"workdir: {workdir} holds a run with another config; use a new workdir or the same config. "
+            f"Differences: {'; '.join(differences)}"
+        )
     ]
 
 

@@ -24,10 +24,10 @@ import matplotlib
 from etils import epath
 
 matplotlib.use("Agg")  # No display on TPU VMs or CI.
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from adapter_jax import paper  # noqa: E402
-from adapter_jax.errors import DataError  # noqa: E402
+from adapter_jax import paper, tasks
+from adapter_jax.errors import DataError
 
 Run = dict[str, Any]
 Method = tuple[str, str]  # (source, method name)
@@ -37,7 +37,8 @@ REQUIRED_KEYS = ("task", "mode", "score")
 OUR_SOURCE = "adapter-jax"
 BEST_SIZE = "adapters (best size)"
 PAPER_SOURCE = "paper (GLUE test)"
-NUM_GLUE_TASKS = 9  # The paper's "total params" counts one task-specific copy for each of the nine GLUE tasks.
+# The paper's "total params" counts one task-specific copy for each of the nine GLUE tasks.
+NUM_GLUE_TASKS = len(tasks.GLUE_TASKS)
 # How a dev_metrics key names MNLI's mismatched accuracy, e.g. "accuracy_mm", "mm/accuracy", "mismatched_acc".
 _MISMATCHED = re.compile(r"mismatched|(^|[^a-z])mm([^a-z]|$)")
 
@@ -167,7 +168,7 @@ def render_table(best: BestRuns, runs: Sequence[Run] = ()) -> str:
     """Markdown: Table 1 in the paper's layout with its rows beside ours, then every run in `runs`."""
     rows = _rows(best)
     avg_columns = _our_columns(rows)
-    avg_title = "Avg" if len(avg_columns) == len(paper.COLUMNS) else f"Avg ({len(avg_columns)} of 9 columns)"
+    avg_title = "Avg" if len(avg_columns) == len(paper.COLUMNS) else f"Avg ({len(avg_columns)} of {len(paper.COLUMNS)} columns)"
     header = ["Method", "Source", "Total params", "Trained params / task"]
     header += [paper.COLUMN_TITLES[c] for c in paper.COLUMNS] + [avg_title]
     body = []
@@ -181,11 +182,13 @@ def render_table(best: BestRuns, runs: Sequence[Run] = ()) -> str:
     parts = [
         "## Houlsby et al. (2019) Table 1 (BERT-large, GLUE test) beside our runs (their own model, dev)",
         _markdown(header, body),
-        f"Paper rows: GLUE test server, percent. Ours: dev set, best run per task and method. {avg_title} is the "
-        f"mean over the columns our runs fill, for every row alike; the paper's own \"Total\" (GLUE score, which "
-        f"also counts WNLI) is {glue_scores}. Total params for our rows: 1 shared base model + 9 x the mean "
-        f"trained fraction, the paper's convention for nine tasks. MRPC/QQP F1, STS-B Spearman, CoLA Matthews, "
-        f"accuracy elsewhere.",
+        (
+            f"Paper rows: GLUE test server, percent. Ours: dev set, best run per task and method. {avg_title} is "
+            f"the mean over the columns our runs fill, for every row alike; the paper's own \"Total\" (GLUE score, "
+            f"which also counts WNLI) is {glue_scores}. Total params for our rows: 1 shared base model + "
+            f"{NUM_GLUE_TASKS} x the mean trained fraction, the paper's convention for nine tasks. MRPC/QQP F1, "
+            f"STS-B Spearman, CoLA Matthews, accuracy elsewhere."
+        ),
     ]
     if runs:
         parts += ["## Every run", _render_runs(best, runs)]

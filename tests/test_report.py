@@ -82,6 +82,11 @@ def test_mnli_fills_both_columns():
     assert report.column_scores(_run("wnli", "full", 0.6)) == {}  # not a Table 1 column
 
 
+def test_paper_columns_are_the_glue_leaderboards_less_wnli():
+    assert paper.COLUMNS == ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli_m", "mnli_mm", "qnli", "rte")
+    assert set(paper.COLUMN_TITLES) == set(paper.COLUMNS)
+
+
 def test_render_table_has_the_paper_rows_and_ours(runs):
     markdown = report.render_table(report.best_runs(runs), runs)
     lines = markdown.splitlines()

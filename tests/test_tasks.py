@@ -64,6 +64,13 @@ def test_mnli_splits_and_result_names():
     assert tasks.get_task("ax").dir_name == "diagnostic"
 
 
+def test_glue_tasks_and_score_columns_follow_the_leaderboard():
+    assert tasks.GLUE_TASKS == ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
+    assert tasks.GLUE_SCORE_COLUMNS == (
+        "cola", "sst2", "mrpc", "stsb", "qqp", "mnli_m", "mnli_mm", "qnli", "rte", "wnli"
+    )
+
+
 def test_unknown_task_lists_known_names():
     with pytest.raises(errors.ConfigError, match="known tasks: .*rte.*wnli"):
         tasks.get_task("glue")
