@@ -10,7 +10,9 @@ and LayerNorm run in float32 whatever `dtype` is.
 
 import dataclasses
 import json
+import math
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +24,40 @@ from adapter_jax.adapters import Adapter, AdapterConfig
 
 # Config keys HF writes that this implementation requires to have one value.
 _REQUIRED_HF_VALUES = {"hidden_act": "gelu", "position_embedding_type": "absolute"}
+# Keys that set parameter shapes are required: a default would build a model that the checkpoint's
+# weights do not fit, and the shape errors would not point at config.json.
+_SHAPE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
+
+
+def _number(value: Any) -> bool:
+    # bool is an int to Python, and NaN compares false with every bound; neither is a setting.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_int(value: Any) -> bool:
+    return _number(value) and isinstance(value, int) and value > 0
+
+
+def _probability(value: Any) -> bool:
+    return _number(value) and 0 <= value < 1
+
+
+# What each BertConfig key may hold in config.json, and how to say so.
+_VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{key: (_positive_int, "a positive integer") for key in _SHAPE_KEYS},
+    "hidden_dropout_prob": (_probability, "a probability in [0, 1)"),
+    "attention_probs_dropout_prob": (_probability, "a probability in [0, 1)"),
+    "layer_norm_eps": (lambda value: _number(value) and value > 0, "a positive number"),
+    "initializer_range": (lambda value: _number(value) and value >= 0, "a non-negative number"),
+}
 
 
 class Dropout(nn.Module):
@@ -78,14 +114,28 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BertConfig":
-        """From an HF config.json dict; keys this model has no use for are ignored."""
-        for key, required in _REQUIRED_HF_VALUES.items():
-            if d.get(key, required) != required:
-                raise errors.WeightsError(
-                    f"config key {key!r} is {d[key]!r}; only {required!r} is supported"
-                )
-        names = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in d.items() if key in names})
+        """From an HF config.json dict; keys this model has no use for are ignored.
+
+        The keys that set parameter shapes are required; the others default as in HF's BertConfig.
+        errors.WeightsError names every key at fault.
+        """
+        problems = [
+            f"config key {key!r} is {d[key]!r} (only {required!r} is supported)"
+            for key, required in _REQUIRED_HF_VALUES.items()
+            if d.get(key, required) != required
+        ]
+        problems += [f"config key {key!r} is missing" for key in _SHAPE_KEYS if key not in d]
+        problems += [
+            f"config key {key!r} is {d[key]!r} (expected {allowed})"
+            for key, (check, allowed) in _VALUE_CHECKS.items()
+            if key in d and not check(d[key])
+        ]
+        if problems:
+            raise errors.WeightsError("; ".join(problems))
+        try:
+            return cls(**{key: d[key] for key in _VALUE_CHECKS if key in d})
+        except errors.ConfigError as e:  # keys valid alone that do not fit together
+            raise errors.WeightsError(str(e)) from e
 
     @classmethod
     def from_json_file(cls, path: str | pathlib.Path) -> "BertConfig":

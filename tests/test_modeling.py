@@ -1,6 +1,7 @@
 """BERT in linen against transformers' PyTorch BertModel on the real MiniLM checkpoint, and BertConfig."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -154,6 +155,51 @@ def test_config_file_errors_name_the_file(tmp_path):
         BertConfig.from_json_file(path)
     with pytest.raises(errors.WeightsError, match="missing.json"):
         BertConfig.from_json_file(tmp_path / "missing.json")
+    for not_an_object in ("[1, 2]", "null", '"bert"'):
+        path.write_text(not_an_object)
+        with pytest.raises(errors.WeightsError, match=f"{re.escape(str(path))} is not a JSON object"):
+            BertConfig.from_json_file(path)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"hidden_size": "big"},
+        {"hidden_size": None},
+        {"num_hidden_layers": [2]},
+        {"num_attention_heads": 0},
+        {"hidden_size": 9},  # not a multiple of the 2 heads
+        {"intermediate_size": 64.5},
+        {"vocab_size": True},
+        {"hidden_dropout_prob": "0.1"},
+        {"attention_probs_dropout_prob": 1.5},
+        {"layer_norm_eps": float("nan")},
+        {"hidden_size": None, "type_vocab_size": -1},
+    ],
+    ids=repr,
+)
+def test_malformed_config_values_name_the_file_and_key(tmp_path, change):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**TINY.to_dict(), **change}))
+    with pytest.raises(errors.WeightsError, match=re.escape(str(path))) as info:
+        BertConfig.from_json_file(path)
+    for key in change:
+        assert key in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"])
+def test_config_without_a_shape_key_names_the_file_and_key(tmp_path, key):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({k: v for k, v in TINY.to_dict().items() if k != key}))
+    with pytest.raises(errors.WeightsError, match=f"{re.escape(str(path))}.*{key}"):
+        BertConfig.from_json_file(path)
+
+
+def test_config_may_leave_out_what_hf_defaults(tmp_path):
+    path = tmp_path / "config.json"
+    optional = ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps", "initializer_range")
+    path.write_text(json.dumps({k: v for k, v in TINY.to_dict().items() if k not in optional}))
+    assert BertConfig.from_json_file(path) == TINY
 
 
 def test_params_tree_has_hf_module_names():
