@@ -65,7 +65,9 @@ class Dropout(nn.Module):
 
     Making the masks is a quarter of a BERT training step on CPU (attention-probability masks
     alone are batch x heads x length^2 per layer); half the random bits and an integer compare
-    cut that, with the keep probability exact to 1/65536.
+    cut that. A unit is dropped when its bits fall below round(rate * 65536), so the keep
+    probability is `rate`'s complement rounded to a multiple of 1/65536; kept units are scaled by
+    the inverse of that probability, not of 1 - rate, so that the layer stays unbiased.
     """
 
     rate: float
@@ -74,9 +76,12 @@ class Dropout(nn.Module):
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         if deterministic or self.rate == 0.0:
             return x
+        dropped = min(round(self.rate * 65536), 65536)
+        if dropped == 65536:  # a rate within 2^-17 of 1: the threshold does not fit 16 bits
+            return jnp.zeros_like(x)
         bits = jax.random.bits(self.make_rng("dropout"), x.shape, jnp.uint16)
-        keep = bits >= jnp.uint16(round(self.rate * 65536))
-        return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
+        keep = bits >= jnp.uint16(dropped)
+        return jnp.where(keep, x * (65536 / (65536 - dropped)), 0.0).astype(x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -235,6 +235,28 @@ def test_dropout_keeps_the_expected_fraction_and_rescales():
     y = dropout.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
     kept = np.asarray(y) != 0
     assert abs(kept.mean() - 0.9) < 0.002  # 1M draws: the standard error is 0.0003
-    np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.9, rtol=1e-6)
+    # The scale is 1 / the keep probability a 16-bit threshold gives, round(0.1 * 65536) = 6554 of 65536
+    # values dropped: 1 / 0.9 to within 2^-16.
+    np.testing.assert_allclose(np.asarray(y)[kept], 65536 / (65536 - 6554), rtol=1e-6)
+    assert 65536 / (65536 - 6554) == pytest.approx(1 / 0.9, rel=2**-16)
     other = dropout.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
     assert not np.array_equal(kept, np.asarray(other) != 0)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3, 1 - 1.5 * 2**-16, 1 - 2**-16])
+def test_dropout_is_unbiased_at_the_keep_probability_it_draws(rate):
+    """Kept units are scaled by exactly 1 / P(keep), whatever rate the 16-bit threshold rounds."""
+    dropped = round(rate * 65536)
+    x = jnp.ones((1024, 1024))
+    y = np.asarray(modeling.Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)}))
+    assert y.any()
+    np.testing.assert_allclose(y[y != 0], 65536 / (65536 - dropped), rtol=1e-6)
+
+
+@pytest.mark.parametrize("rate", [1 - 2**-17, 1 - 2**-18, 1.0])
+def test_dropout_rates_that_round_to_one_drop_everything(rate):
+    """A threshold of 65536 does not fit 16 bits; it must not wrap to 0 and keep every unit."""
+    x = jnp.ones((256, 256))
+    y = modeling.Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+    assert y.dtype == x.dtype
+    assert not np.asarray(y).any()
