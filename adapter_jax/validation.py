@@ -10,11 +10,10 @@ import jax
 import ml_collections
 from etils import epath
 
-from adapter_jax import checkpoint, optim, tasks, weights
+from adapter_jax import adapters, checkpoint, optim, tasks, weights
 from adapter_jax.errors import AdapterJaxError, CheckpointError, ConfigError
 from adapter_jax.modeling import BertConfig
 
-ADAPTER_SITES = ("attention", "output")
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("tsv", "tfds")
 ON_NONFINITE = ("stop", "skip")
@@ -70,8 +69,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "adapter_size": (_positive_int, "a positive integer no larger than the hidden size"),
     "adapter_init_std": (_number(0.0, low_inclusive=False), "a positive number"),
     "adapter_sites": (
-        lambda v: isinstance(v, (tuple, list)) and bool(v) and set(v) <= set(ADAPTER_SITES),
-        f"a non-empty subset of {ADAPTER_SITES}",
+        lambda v: isinstance(v, (tuple, list)) and bool(v) and set(v) <= set(adapters.SITES),
+        f"a non-empty subset of {adapters.SITES}",
     ),
     "adapter_layers": (_int_tuple, "layer indices (empty: every layer)"),
     "top_k": (_non_negative_int, "a non-negative integer (layers to fine-tune in top_k mode)"),
@@ -101,6 +100,9 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "checkpoints_to_keep": (_positive_int, "a positive integer"),
 }
 
+# A problem found: the key at fault, and what is wrong with it.
+Problem = tuple[str, str]
+
 
 def validate_config(
     config: ml_collections.ConfigDict, workdir: epath.PathLike | None = None, *, training: bool = True
@@ -112,25 +114,25 @@ def validate_config(
     problems = list(_key_problems(config))
     # Checks across keys run on the keys that are valid on their own, so that one bad key does not
     # hide the problems of the others.
-    bad_keys = {problem.split(":")[0] for problem in problems}
+    bad_keys = {key for key, _ in problems}
     problems += _consistency_problems(config, bad_keys, training)
     if workdir is not None:
         problems += _workdir_problems(config, epath.Path(workdir))
     if problems:
-        raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError("invalid config:\n" + "\n".join(f"  - {key}: {message}" for key, message in problems))
 
 
-def _key_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
+def _key_problems(config: ml_collections.ConfigDict) -> Iterator[Problem]:
     for key in sorted(set(config.keys()) - set(CHECKS)):
-        yield f"{key}: unknown key (known keys: {', '.join(sorted(CHECKS))})"
+        yield key, f"unknown key (known keys: {', '.join(sorted(CHECKS))})"
     for key, (check, allowed) in CHECKS.items():
         if key not in config:
-            yield f"{key}: missing (must be {allowed})"
+            yield key, f"missing (must be {allowed})"
         elif not check(config[key]):
-            yield f"{key}: {config[key]!r} is not allowed (must be {allowed})"
+            yield key, f"{config[key]!r} is not allowed (must be {allowed})"
 
 
-def _consistency_problems(config: ml_collections.ConfigDict, bad_keys: set[str], training: bool) -> list[str]:
+def _consistency_problems(config: ml_collections.ConfigDict, bad_keys: set[str], training: bool) -> list[Problem]:
     """Checks across keys and against the model, the devices and the data, of keys valid on their own."""
     problems = []
 
@@ -140,52 +142,51 @@ def _consistency_problems(config: ml_collections.ConfigDict, bad_keys: set[str],
     devices = jax.device_count()
     for key in ("global_batch_size", "eval_batch_size"):
         if valid(key) and config[key] % devices:
-            problems.append(f"{key}: {config[key]} is not divisible by the {devices} devices")
+            problems.append((key, f"{config[key]} is not divisible by the {devices} devices"))
     bert_config = None
     if valid("model"):
         try:
             bert_config = BertConfig.from_json_file(weights.resolve_model_dir(config.model) / "config.json")
         except AdapterJaxError as e:
-            problems.append(f"model: {e}")
+            problems.append(("model", str(e)))
     if bert_config is not None:
-        adapters = valid("mode", "adapter_size") and config.mode == "adapters"
-        if adapters and config.adapter_size > bert_config.hidden_size:
+        has_adapters = valid("mode", "adapter_size") and config.mode == "adapters"
+        if has_adapters and config.adapter_size > bert_config.hidden_size:
             problems.append(
-                f"adapter_size: {config.adapter_size} is larger than the hidden size {bert_config.hidden_size}"
+                ("adapter_size", f"{config.adapter_size} is larger than the hidden size {bert_config.hidden_size}")
             )
         if valid("max_seq_length") and config.max_seq_length > bert_config.max_position_embeddings:
-            problems.append(
-                f"max_seq_length: {config.max_seq_length} is above the model's "
-                f"max_position_embeddings {bert_config.max_position_embeddings}"
-            )
+            positions = bert_config.max_position_embeddings
+            message = f"{config.max_seq_length} is above the model's max_position_embeddings {positions}"
+            problems.append(("max_seq_length", message))
         layers = bert_config.num_hidden_layers
         if valid("mode", "top_k") and config.mode == "top_k" and not 1 <= config.top_k <= layers:
-            problems.append(f"top_k: {config.top_k} must be in 1..{layers} in top_k mode")
+            problems.append(("top_k", f"{config.top_k} must be in 1..{layers} in top_k mode"))
         bad_layers = [layer for layer in config.adapter_layers if layer >= layers] if valid("adapter_layers") else []
         if bad_layers:
-            problems.append(f"adapter_layers: {bad_layers} beyond the model's {layers} layers (0..{layers - 1})")
+            problems.append(("adapter_layers", f"{bad_layers} beyond the model's {layers} layers (0..{layers - 1})"))
     if valid("data_source", "task", "glue_dir") and config.data_source == "tsv":
         task = tasks.get_task(config.task)
         needed = ("train", *task.dev_splits) if training else (*task.dev_splits, *task.test_splits)
         for split in needed:
             path = epath.Path(config.glue_dir) / task.dir_name / task.splits[split]
             if not path.exists():
-                problems.append(f"glue_dir: {path} not found (task {config.task}, split {split})")
+                problems.append(("glue_dir", f"{path} not found (task {config.task}, split {split})"))
     return problems
 
 
-def _workdir_problems(config: ml_collections.ConfigDict, workdir: epath.Path) -> list[str]:
+def _workdir_problems(config: ml_collections.ConfigDict, workdir: epath.Path) -> list[Problem]:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        return [f"workdir: {workdir} cannot be written ({e.strerror or e})"]
+        return [("workdir", f"{workdir} cannot be written ({e.strerror or e})")]
     try:
         saved = saved_config(workdir)
     except CheckpointError as e:
-        return [f"workdir: {e}; use a new workdir, or delete that checkpoint to resume from the one before"]
+        return [("workdir", f"{e}; use a new workdir, or delete that checkpoint to resume from the one before")]
     if saved is None:
         return []
     differences = [
@@ -195,12 +196,11 @@ def _workdir_problems(config: ml_collections.ConfigDict, workdir: epath.Path) ->
     ]
     if not differences:
         return []
-    return [
-        (
-            f"workdir: {workdir} holds a run with another config; use a new workdir or the same config. "
-            f"Differences: {'; '.join(differences)}"
-        )
-    ]
+    message = (
+        f"{workdir} holds a run with another config; use a new workdir or the same config. "
+        f"Differences: {'; '.join(differences)}"
+    )
+    return [("workdir", message)]
 
 
 def saved_config(workdir: epath.Path) -> dict | None:

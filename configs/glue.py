@@ -18,6 +18,8 @@ import os
 
 import ml_collections
 
+from adapter_jax import adapters
+
 # Grid of the paper (Section 3.1): lr {3e-5, 3e-4, 3e-3} x epochs {3, 20} x size {8, 64, 256}, best of 5 seeds.
 PAPER_LEARNING_RATES = (3e-5, 3e-4, 3e-3)
 PAPER_EPOCHS = (3, 20)
@@ -37,7 +39,7 @@ def get_config(task: str = "rte") -> ml_collections.ConfigDict:
     config.mode = "adapters"
     config.adapter_size = 64
     config.adapter_init_std = 1e-3  # the authors' released code; the paper's text says 1e-2
-    config.adapter_sites = ("attention", "output")
+    config.adapter_sites = adapters.SITES  # after attention and after the feed-forward block
     config.adapter_layers = ()  # empty: every layer
     config.top_k = 0
     config.train_pooler = False  # the authors' code keeps the pooler frozen
