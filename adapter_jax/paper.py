@@ -1,4 +1,5 @@
-"""The numbers Houlsby et al. (2019) report for BERT-large on GLUE, as data that reports compare against.
+"""The numbers of Houlsby et al. (2019) as data: the hyperparameter grid of its GLUE experiments, which the
+configs and the sweep default to, and its Table 1 for BERT-large, which reports compare against.
 
 Source: "Parameter-Efficient Transfer Learning for NLP", Houlsby et al., ICML 2019, arXiv:1902.00751, Table 1
 ("Results on GLUE test sets scored using the GLUE evaluation server"). Read from the paper's text, and
@@ -15,6 +16,14 @@ import dataclasses
 from collections.abc import Mapping
 
 from adapter_jax import tasks
+
+# The grid of Section 3.1: every combination of learning rate, epochs and adapter size, each trained with
+# NUM_SEEDS seeds at batch size BATCH_SIZE; the best on dev is the one reported.
+LEARNING_RATES: tuple[float, ...] = (3e-5, 3e-4, 3e-3)
+EPOCHS: tuple[int, ...] = (3, 20)
+ADAPTER_SIZES: tuple[int, ...] = (8, 64, 256)
+NUM_SEEDS = 5
+BATCH_SIZE = 32
 
 # The table's columns in its order: the GLUE leaderboard's less WNLI, which the paper leaves out (as BERT's
 # paper does); MNLI has one column per test set.

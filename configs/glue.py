@@ -18,12 +18,7 @@ import os
 
 import ml_collections
 
-from adapter_jax import adapters
-
-# Grid of the paper (Section 3.1): lr {3e-5, 3e-4, 3e-3} x epochs {3, 20} x size {8, 64, 256}, best of 5 seeds.
-PAPER_LEARNING_RATES = (3e-5, 3e-4, 3e-3)
-PAPER_EPOCHS = (3, 20)
-PAPER_ADAPTER_SIZES = (8, 64, 256)
+from adapter_jax import adapters, paper
 
 
 def get_config(task: str = "rte") -> ml_collections.ConfigDict:
@@ -56,7 +51,7 @@ def get_config(task: str = "rte") -> ml_collections.ConfigDict:
     config.learning_rate = 3e-4
     config.num_epochs = 3
     config.num_train_steps = 0  # > 0: overrides num_epochs
-    config.global_batch_size = 32
+    config.global_batch_size = paper.BATCH_SIZE
     config.eval_batch_size = 128
     config.warmup_fraction = 0.1
     config.weight_decay = 0.01

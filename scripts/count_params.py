@@ -13,11 +13,11 @@ Run from the repository root:
 import argparse
 from collections.abc import Sequence
 
+from adapter_jax import paper
 from adapter_jax.modeling import BertConfig
 from adapter_jax.weights import parameter_report
 
 MODELS = {"bert-base": BertConfig.base, "bert-large": BertConfig.large}
-ADAPTER_SIZES = (8, 64, 256)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print("-" * len(header))
     reports = []
     for name, make_config in MODELS.items():
-        for size in ADAPTER_SIZES:
+        for size in paper.ADAPTER_SIZES:
             r = parameter_report(make_config(), size, args.num_labels)
             reports.append({"model": name, **r})
             print(

@@ -26,17 +26,16 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from adapter_jax import train  # noqa: E402
-from configs.glue import PAPER_ADAPTER_SIZES, PAPER_EPOCHS, PAPER_LEARNING_RATES  # noqa: E402
+from adapter_jax import paper, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/glue.py:rte; --config.KEY overrides.")
 flags.DEFINE_string("workdir", None, "Root folder: one sub-folder per run, results.jsonl, best.json.")
 flags.DEFINE_list("modes", ["adapters"], "Modes to run: adapters, full, top_k, layernorm.")
-flags.DEFINE_list("learning_rates", [str(lr) for lr in PAPER_LEARNING_RATES], "Learning rates.")
-flags.DEFINE_list("epochs", [str(e) for e in PAPER_EPOCHS], "Epoch counts.")
-flags.DEFINE_list("adapter_sizes", [str(m) for m in PAPER_ADAPTER_SIZES], "Adapter sizes (adapters mode only).")
-flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds; the paper takes the best of 5 on dev.")
+flags.DEFINE_list("learning_rates", [str(lr) for lr in paper.LEARNING_RATES], "Learning rates.")
+flags.DEFINE_list("epochs", [str(e) for e in paper.EPOCHS], "Epoch counts.")
+flags.DEFINE_list("adapter_sizes", [str(m) for m in paper.ADAPTER_SIZES], "Adapter sizes (adapters mode only).")
+flags.DEFINE_list("seeds", [str(s) for s in range(paper.NUM_SEEDS)], "Seeds; the paper takes the best on dev.")
 flags.DEFINE_list("top_k", ["1"], "Layers fine-tuned in top_k mode.")
 flags.DEFINE_bool("predict_test", True, "Write each run's GLUE test predictions (for scripts/report.py).")
 flags.mark_flags_as_required(["config", "workdir"])

@@ -27,6 +27,13 @@ def test_grid_follows_the_paper():
     assert all("adapter_size" not in r for r in runs if r["mode"] == "full")
 
 
+def test_default_flags_are_the_papers_grid():
+    assert [float(lr) for lr in sweep.FLAGS["learning_rates"].default] == [3e-5, 3e-4, 3e-3]
+    assert [int(e) for e in sweep.FLAGS["epochs"].default] == [3, 20]
+    assert [int(m) for m in sweep.FLAGS["adapter_sizes"].default] == [8, 64, 256]
+    assert [int(s) for s in sweep.FLAGS["seeds"].default] == [0, 1, 2, 3, 4]
+
+
 def test_sweep_skips_finished_runs_resumes_interrupted_ones_and_picks_the_best(tiny_config, tmp_path, counting_train):
     calls, train_fn = counting_train
     tiny_config.num_epochs = 1  # 8 steps a run; checkpoints at 4 and 8
