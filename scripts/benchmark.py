@@ -1,13 +1,13 @@
 """Training-step speed and peak memory: adapters vs full fine-tuning, and the AdapterHub reference.
 
 Times compiled training steps at batch 32 x 128 tokens on the offline MiniLM model (real RTE
-batches), each setting in its own process so peak memory is its own:
+batches), each setting in its own process so peak memory is its own. From the repository root:
 
-    python scripts/benchmark.py                      # adapters and full, plus the peer if set up
-    python scripts/benchmark.py --steps=10 --peer_python=~/.cache/adapter-peer-venv/bin/python
+    python -m scripts.benchmark                      # adapters and full, plus the peer if set up
+    python -m scripts.benchmark --steps=10 --peer_python=~/.cache/adapter-peer-venv/bin/python
 
 The peer is ../shared/bench/peer/train_adapterhub.py (PyTorch, AdapterHub `adapters`), run through
-scripts/peer.py with the same model, batch, sequence length and adapter size, padded to 128 as here.
+scripts.peer with the same model, batch, sequence length and adapter size, padded to 128 as here.
 """
 
 import json
@@ -20,11 +20,9 @@ import time
 
 from absl import app, flags
 
+from scripts import peer
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-sys.path.insert(0, str(REPO_ROOT))
-
-from scripts import peer  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("only", None, ["adapters", "full"], "Measure one mode in this process (used by the driver).")
@@ -92,10 +90,10 @@ def measure(mode: str) -> dict:
 
 
 def _run_self(mode: str) -> dict:
-    command = [sys.executable, __file__, f"--only={mode}", f"--steps={FLAGS.steps}",
+    command = [sys.executable, "-m", "scripts.benchmark", f"--only={mode}", f"--steps={FLAGS.steps}",
                f"--batch_size={FLAGS.batch_size}", f"--seq_length={FLAGS.seq_length}",
                f"--adapter_size={FLAGS.adapter_size}", f"--glue_dir={FLAGS.glue_dir}"]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO_ROOT).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 

@@ -4,26 +4,23 @@ The peer (PyTorch, AdapterHub `adapters`) is set to what our config does: GELU a
 size at both sites, LayerNorms trained, a dense-tanh-linear head on [CLS] (AdapterHub's default, the
 counterpart of BERT's pooler + classifier when the pooler trains), AdamW with weight decay 0.01,
 10% warmup then linear decay, batch 32, 128 tokens. Its result becomes a results.jsonl line in our
-schema (source "adapterhub"), so scripts/report.py puts it in the same table.
+schema (source "adapterhub"), so scripts.report puts it in the same table. From the repository root:
 
-    python scripts/peer.py --task=rte --mode=adapters --learning_rate=3e-3 --results=docs/results/peer.jsonl
+    python -m scripts.peer --task=rte --mode=adapters --learning_rate=3e-3 --results=docs/results/peer.jsonl
 """
 
 import json
 import os
 import pathlib
 import subprocess
-import sys
 import tempfile
 from typing import Any
 
 from absl import app, flags
 
+from adapter_jax import tasks, train
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from adapter_jax import tasks, train  # noqa: E402
-
 PEER_SCRIPT = REPO_ROOT.parent / "shared" / "bench" / "peer" / "train_adapterhub.py"
 DEFAULT_PEER_PYTHON = os.path.expanduser(os.environ.get("PEER_VENV", "~/.cache/adapter-peer-venv") + "/bin/python")
 HIDDEN_SIZE = 384  # MiniLM-L6-H384, the only model the peer loads
@@ -120,7 +117,7 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-    """Flags of the command line only: scripts/benchmark.py imports this module with flags of its own."""
+    """Flags of the command line only: scripts.benchmark imports this module with flags of its own."""
     flags.DEFINE_string("task", "rte", "GLUE task.")
     flags.DEFINE_enum("mode", "adapters", ["adapters", "full"], "Adapters (+LayerNorms, head) or full fine-tuning.")
     flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate.")

@@ -1,6 +1,7 @@
 r"""Turns sweep results into the paper's Table 1 (ours beside the paper's rows), a per-run appendix and a plot.
+From the repository root:
 
-    python scripts/report.py --results=sweeps/rte/results.jsonl,sweeps/cola/results.jsonl --out_dir=docs/results
+    python -m scripts.report --results=sweeps/rte/results.jsonl,sweeps/cola/results.jsonl --out_dir=docs/results
 
 writes `<out_dir>/report.md` and `<out_dir>/params_vs_score.png`; `--submission_dir` also gathers the selected
 runs' test predictions into a GLUE submission folder (zip its contents and upload them to gluebenchmark.com).
@@ -168,7 +169,8 @@ def render_table(best: BestRuns, runs: Sequence[Run] = ()) -> str:
     """Markdown: Table 1 in the paper's layout with its rows beside ours, then every run in `runs`."""
     rows = _rows(best)
     avg_columns = _our_columns(rows)
-    avg_title = "Avg" if len(avg_columns) == len(paper.COLUMNS) else f"Avg ({len(avg_columns)} of {len(paper.COLUMNS)} columns)"
+    all_columns = len(avg_columns) == len(paper.COLUMNS)
+    avg_title = "Avg" if all_columns else f"Avg ({len(avg_columns)} of {len(paper.COLUMNS)} columns)"
     header = ["Method", "Source", "Total params", "Trained params / task"]
     header += [paper.COLUMN_TITLES[c] for c in paper.COLUMNS] + [avg_title]
     body = []

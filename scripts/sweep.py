@@ -4,19 +4,18 @@ Runs every point of (mode x learning rate x epochs x adapter size x seed), each 
 under --workdir; finished runs (a summary.json) are skipped and interrupted ones resume from their
 checkpoints, so a preempted sweep continues where it stopped when rerun. Every finished run is a
 line of <workdir>/results.jsonl; the best run on dev per mode is printed and written to best.json.
+Run from the repository root:
 
     # the paper's grid (Section 3.1) for RTE on BERT-large
-    python scripts/sweep.py --config=configs/glue.py:rte --workdir=/tmp/sweep/rte \
+    python -m scripts.sweep --config=configs/glue.py:rte --workdir=/tmp/sweep/rte \
         --config.model=bert-large-uncased
     # a sub-grid, with the full fine-tuning baseline
-    python scripts/sweep.py --config=configs/glue.py:rte --workdir=/tmp/sweep/rte \
+    python -m scripts.sweep --config=configs/glue.py:rte --workdir=/tmp/sweep/rte \
         --modes=adapters,full --learning_rates=3e-4,3e-3 --epochs=3 --adapter_sizes=64 --seeds=0
 """
 
 import itertools
 import json
-import pathlib
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -24,9 +23,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from adapter_jax import paper, train  # noqa: E402
+from adapter_jax import paper, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/glue.py:rte; --config.KEY overrides.")
@@ -37,7 +34,7 @@ flags.DEFINE_list("epochs", [str(e) for e in paper.EPOCHS], "Epoch counts.")
 flags.DEFINE_list("adapter_sizes", [str(m) for m in paper.ADAPTER_SIZES], "Adapter sizes (adapters mode only).")
 flags.DEFINE_list("seeds", [str(s) for s in range(paper.NUM_SEEDS)], "Seeds; the paper takes the best on dev.")
 flags.DEFINE_list("top_k", ["1"], "Layers fine-tuned in top_k mode.")
-flags.DEFINE_bool("predict_test", True, "Write each run's GLUE test predictions (for scripts/report.py).")
+flags.DEFINE_bool("predict_test", True, "Write each run's GLUE test predictions (for scripts.report).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 RESULTS_FILE = "results.jsonl"
@@ -89,7 +86,7 @@ def sweep(
     """Runs (or skips, or resumes) each run; returns every finished run's result, in grid order.
 
     With `predict_test`, each finished run also writes its GLUE test predictions (<run>/submission/),
-    which scripts/report.py gathers into a submission folder for the best runs.
+    which scripts.report gathers into a submission folder for the best runs.
     """
     import jax
 

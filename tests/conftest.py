@@ -90,9 +90,6 @@ def tiny_glue_dir(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture
 def tiny_config(tiny_model_dir, tiny_glue_dir):
     """A fast RTE config on the tiny model and toy data: 8 steps per epoch at global batch 8."""
-    import sys
-
-    sys.path.insert(0, str(REPO_ROOT))
     from configs import glue
 
     config = glue.get_config("rte")

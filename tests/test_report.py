@@ -1,6 +1,5 @@
-"""scripts/report.py: best-run selection, the Table 1 markdown, the plot and the submission folder."""
+"""scripts.report: best-run selection, the Table 1 markdown, the plot and the submission folder."""
 
-import importlib.util
 import json
 import pathlib
 
@@ -8,11 +7,7 @@ import pytest
 
 from adapter_jax import paper
 from adapter_jax.errors import DataError
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("report", REPO_ROOT / "scripts" / "report.py")
-report = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(report)
+from scripts import report
 
 
 def _run(task: str, mode: str, score: float, **overrides) -> dict:

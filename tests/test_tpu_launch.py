@@ -1,16 +1,14 @@
-"""scripts/tpu/launch.py: the gcloud command sequence, its dry run, bad flags, and deletion on failure."""
+"""scripts.tpu.launch: the gcloud command sequence, its dry run, bad flags, and deletion on failure."""
 
-import importlib.util
 import pathlib
 import shlex
 import subprocess
 
 import pytest
 
+from scripts.tpu import launch
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("launch", REPO_ROOT / "scripts" / "tpu" / "launch.py")
-launch = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(launch)
 
 BASE = ["--name=adapters-glue", "--zone=us-central2-b", "--project=my-project", "--bucket=gs://my-bucket",
         "--tasks=rte,mnli", "--accelerator_type=v4-8"]
@@ -60,12 +58,12 @@ def test_dry_run_prints_the_whole_sequence_and_runs_nothing(capsys):
     for task, sweep in (("rte", sweep_rte), ("mnli", sweep_mnli)):
         assert "--worker=all" in sweep
         sweep_argv = shlex.split(_ssh_command(sweep).split(" && ")[-1])
-        assert sweep_argv[:3] == ["python3", "scripts/sweep.py", f"--config=configs/glue.py:{task}"]
+        assert sweep_argv[:4] == ["python3", "-m", "scripts.sweep", f"--config=configs/glue.py:{task}"]
         assert f"--workdir=gs://my-bucket/adapter-jax/adapters-glue/{task}" in sweep_argv
         assert "--config.model=bert-large-uncased" in sweep_argv
         assert {"--config.data_source=tfds", "--config.dtype=bfloat16"} <= set(sweep_argv)
     assert "gs://my-bucket/adapter-jax/adapters-glue/mnli/results.jsonl" in _ssh_command(report)
-    assert "scripts/report.py" in _ssh_command(report)
+    assert "python3 -m scripts.report " in _ssh_command(report)
     assert fetch[-2:] == ["gs://my-bucket/adapter-jax/adapters-glue/report", "tpu_runs/adapters-glue"]
     assert delete[4:6] == ["delete", "adapters-glue"] and "--quiet" in delete
 
@@ -79,7 +77,7 @@ def test_keep_spot_gcs_folder_git_repo_and_grid(capsys):
     assert _ssh_command(commands[1]) == "git clone --depth=1 https://github.com/example/adapter-jax.git adapter-jax"
     assert _ssh_command(commands[3]) == "gcloud storage rsync -r gs://data/glue $HOME/glue_data"
     sweep = _ssh_command(commands[4])
-    assert "GLUE_DIR=$HOME/glue_data python3 scripts/sweep.py --config=configs/glue.py:rte" in sweep
+    assert "GLUE_DIR=$HOME/glue_data python3 -m scripts.sweep --config=configs/glue.py:rte" in sweep
     assert "--config.dtype=float32" in sweep and "--config.data_source" not in sweep
     assert sweep.endswith("--learning_rates=3e-4 --config.max_seq_length=256")
 

@@ -25,7 +25,7 @@ tasks=("$@")
 
 sweep() {  # task, sub-folder, sweep flags...
   local task=$1 name=$2; shift 2
-  python3 scripts/sweep.py --config=configs/glue.py:"$task" --workdir="$WORKDIR/$task/$name" --epochs=3 --seeds=0 \
+  python3 -m scripts.sweep --config=configs/glue.py:"$task" --workdir="$WORKDIR/$task/$name" --epochs=3 --seeds=0 \
       "${train_subset[@]}" "$@"
 }
 
@@ -38,7 +38,7 @@ for task in "${tasks[@]}"; do
   sweep "$task" adapters-8 --modes=adapters --adapter_sizes=8 --learning_rates=3e-3 --config.train_pooler=True
   sweep "$task" full --modes=full --learning_rates=3e-5
   if [ ! -s "$WORKDIR/$task/peer.jsonl" ]; then
-    python3 scripts/peer.py --task="$task" --mode=adapters --learning_rate=3e-3 "${peer_subset[@]}" \
+    python3 -m scripts.peer --task="$task" --mode=adapters --learning_rate=3e-3 "${peer_subset[@]}" \
         --results="$WORKDIR/$task/peer.jsonl.new"
     mv "$WORKDIR/$task/peer.jsonl.new" "$WORKDIR/$task/peer.jsonl"
   fi
@@ -47,5 +47,5 @@ done
 if [ $# -eq 0 ] || [ "$1" = --report ]; then
   cat "$WORKDIR"/*/*/results.jsonl > "$OUT/results.jsonl"
   cat "$WORKDIR"/*/peer.jsonl > "$OUT/peer.jsonl"
-  python3 scripts/report.py --results="$OUT/results.jsonl,$OUT/peer.jsonl" --out_dir="$OUT"
+  python3 -m scripts.report --results="$OUT/results.jsonl,$OUT/peer.jsonl" --out_dir="$OUT"
 fi

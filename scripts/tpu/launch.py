@@ -1,6 +1,7 @@
 r"""Runs the GLUE sweep on a Cloud TPU VM: create it, install, prepare data, sweep each task, report, delete it.
+From the repository root:
 
-    python scripts/tpu/launch.py --name=adapters-rte --zone=us-central2-b --accelerator_type=v4-8 \
+    python -m scripts.tpu.launch --name=adapters-rte --zone=us-central2-b --accelerator_type=v4-8 \
         --project=my-project --bucket=gs://my-bucket --tasks=rte,mrpc --dry_run
 
 --dry_run prints every gcloud command (a shell script you could run by hand) and runs nothing. Without it, each
@@ -20,9 +21,10 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
+from adapter_jax import tasks
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 REMOTE_DIR = "adapter-jax"  # The project's folder on every worker, relative to the ssh user's home.
-TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
 # TPU VM names: lowercase letters, digits and hyphens, starting with a letter (a GCE resource name).
 _NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 # v3-8, v4-32, v5litepod-8, v5p-8, v6e-8: generation, optional variant, then the number of cores or chips.
@@ -65,11 +67,12 @@ def _glue_source(value: str) -> str:
 
 
 def _tasks(value: str) -> tuple[str, ...]:
-    tasks = tuple(t.strip().lower() for t in value.split(",") if t.strip())
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise argparse.ArgumentTypeError(f"unknown tasks {unknown or value!r}; choose from {','.join(TASKS)}")
-    return tasks
+    names = tuple(t.strip().lower() for t in value.split(",") if t.strip())
+    unknown = [t for t in names if t not in tasks.GLUE_TASKS]
+    if unknown or not names:
+        choices = ",".join(tasks.GLUE_TASKS)
+        raise argparse.ArgumentTypeError(f"unknown tasks {unknown or value!r}; choose from {choices}")
+    return names
 
 
 def _csv(value: str) -> str:
@@ -99,8 +102,8 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--run_name", help="results go to gs://BUCKET/adapter-jax/RUN_NAME; default: --name")
     parser.add_argument("--local_out", type=pathlib.Path, help="where the report lands; default: ./tpu_runs/RUN_NAME")
     for grid_flag in ("modes", "learning_rates", "epochs", "adapter_sizes", "seeds"):
-        parser.add_argument(f"--{grid_flag}", type=_csv, help="passed to scripts/sweep.py; default: its grid")
-    parser.add_argument("--sweep_flags", default="", help="further flags for scripts/sweep.py, shell-quoted")
+        parser.add_argument(f"--{grid_flag}", type=_csv, help="passed to scripts.sweep; default: its grid")
+    parser.add_argument("--sweep_flags", default="", help="further flags for scripts.sweep, shell-quoted")
     capacity = parser.add_mutually_exclusive_group()
     capacity.add_argument("--spot", action="store_true", help="Spot VM: much cheaper, may be preempted")
     capacity.add_argument("--preemptible", action="store_true", help="preemptible VM (the older kind of spot)")
@@ -192,7 +195,7 @@ def data_commands(flags: argparse.Namespace) -> list[Step]:
 
 
 def sweep_command(flags: argparse.Namespace, task: str) -> list[str]:
-    sweep = ["python3", "scripts/sweep.py", f"--config=configs/glue.py:{task}", f"--workdir={workdir(flags, task)}",
+    sweep = ["python3", "-m", "scripts.sweep", f"--config=configs/glue.py:{task}", f"--workdir={workdir(flags, task)}",
              f"--config.model={flags.model}", f"--config.dtype={flags.dtype}"]
     if flags.glue_source == "tfds":  # read from TFDS's default folder, where the data step copied it
         sweep.append("--config.data_source=tfds")
@@ -210,7 +213,7 @@ def report_commands(flags: argparse.Namespace) -> list[Step]:
     local = [f"$HOME/results/{t}.jsonl" for t in flags.tasks]
     fetch = [f"gcloud storage cp {shlex.quote(workdir(flags, t) + '/results.jsonl')} {path}"
              for t, path in zip(flags.tasks, local)]
-    report = (f"python3 scripts/report.py --results={','.join(local)} --out_dir=$HOME/report"
+    report = (f"python3 -m scripts.report --results={','.join(local)} --out_dir=$HOME/report"
               " --submission_dir=$HOME/report/glue_submission")  # the sweep wrote each run's test predictions
     upload = f"gcloud storage rsync -r $HOME/report {shlex.quote(_run_dir(flags) + '/report')}"
     collect = " && ".join([f"cd {REMOTE_DIR}", "mkdir -p $HOME/results", *fetch, report, upload])

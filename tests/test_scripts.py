@@ -1,0 +1,26 @@
+"""Every script runs as `python -m scripts.NAME` from the repository root, with no sys.path changes of its own."""
+
+import ast
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = ("scripts.sweep", "scripts.report", "scripts.benchmark", "scripts.peer", "scripts.count_params",
+           "scripts.tpu.launch")
+
+
+@pytest.mark.parametrize("module", SCRIPTS)
+def test_script_runs_as_a_module_from_the_repository_root(module):
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    # Both absl and argparse print the module docstring as the help text.
+    source = REPO_ROOT.joinpath(*module.split(".")).with_suffix(".py").read_text()
+    assert ast.get_docstring(ast.parse(source)).splitlines()[0] in result.stdout
