@@ -108,7 +108,7 @@ def _read_tsv(task: Task, split: str, glue_dir: pathlib.Path) -> list[Example]:
     return examples
 
 
-def _example(idx: int, texts: list[str], label: int | float | None) -> Example:
+def _example(idx: int, texts: list[str], label: float | None) -> Example:
     return Example(idx, texts[0], texts[1] if len(texts) > 1 else None, label)
 
 
@@ -167,6 +167,11 @@ def _read_tfds(task: Task, split: str, data_dir: str | os.PathLike | None) -> li
 def _as_str(value) -> str:
     # Prepared datasets store text as bytes; tfds.testing.mock_data yields str.
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def train_subset_indices(num_examples: int, subset_size: int) -> np.ndarray:
+    """A fixed subset (seed 0, not the run's seed), in file order, so every run of a sweep sees the same data."""
+    return np.sort(np.random.default_rng(0).permutation(num_examples)[:subset_size])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 from absl import app, flags
 
-from adapter_jax import tasks, train
+from adapter_jax import input_pipeline, tasks
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PEER_SCRIPT = REPO_ROOT.parent / "shared" / "bench" / "peer" / "train_adapterhub.py"
@@ -26,9 +26,6 @@ DEFAULT_PEER_PYTHON = os.path.expanduser(os.environ.get("PEER_VENV", "~/.cache/a
 HIDDEN_SIZE = 384  # MiniLM-L6-H384, the only model the peer loads
 # The peer's metric names -> ours.
 _METRIC_NAMES = {"matthews_correlation": "matthews_corr", "spearmanr": "spearman"}
-# Our task names -> the peer's.
-_PEER_TASKS = {"sst2": "sst2", "cola": "cola", "rte": "rte", "wnli": "wnli", "mrpc": "mrpc", "stsb": "stsb",
-               "qnli": "qnli", "qqp": "qqp", "mnli": "mnli"}
 
 
 def peer_command(
@@ -48,7 +45,7 @@ def peer_command(
     evaluate: bool = True,
 ) -> list[str]:
     command = [
-        python, str(PEER_SCRIPT), f"--task={_PEER_TASKS[task]}", f"--data={data_dir}", f"--lr={learning_rate}",
+        python, str(PEER_SCRIPT), f"--task={task}", f"--data={data_dir}", f"--lr={learning_rate}",
         f"--epochs={epochs}", f"--batch-size={batch_size}", f"--max-seq-len={max_seq_length}", f"--pad={pad}",
         f"--seed={seed}", f"--max-steps={max_steps}", "--head-layers=2", "--weight-decay=0.01",
         "--warmup-ratio=0.1", "--threads=2",
@@ -75,7 +72,7 @@ def subset_folder(task: tasks.Task, glue_dir: str, max_train_examples: int, out_
         return source
     lines = (source / "train.tsv").read_text().splitlines()
     header, rows = ([], lines) if task.headerless_columns else ([lines[0]], lines[1:])
-    keep = train.train_subset_indices(len(rows), max_train_examples)
+    keep = input_pipeline.train_subset_indices(len(rows), max_train_examples)
     folder = out_root / task.dir_name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.tsv").write_text("\n".join(header + [rows[i] for i in keep]) + "\n")

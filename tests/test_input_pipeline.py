@@ -200,6 +200,13 @@ def bert_truncate_pair(tokens_a, tokens_b, max_length):
     return tokens_a, tokens_b
 
 
+def test_train_subset_is_fixed_in_file_order_and_grows_by_adding():
+    subset = input_pipeline.train_subset_indices(20, 5)
+    assert subset.tolist() == [2, 4, 6, 13, 19]  # what every sweep so far trained on: it must not change
+    assert input_pipeline.train_subset_indices(67349, 5000)[:5].tolist() == [0, 25, 49, 60, 66]  # SST-2, 5,000
+    assert set(subset) <= set(input_pipeline.train_subset_indices(20, 10))
+
+
 def test_tokenize_pairs_like_bert(tokenizer):
     a = "the quick brown fox jumps over the lazy dog near the river bank today"
     b = "a dog sleeps"
