@@ -202,11 +202,16 @@ def load_tokenizer(model_dir: str | os.PathLike) -> transformers.PreTrainedToken
 
 
 def tokenize(
+    task: Task,
     examples: Sequence[Example],
     tokenizer: transformers.PreTrainedTokenizerFast,
     max_seq_length: int = 128,
 ) -> TokenizedDataset:
-    """[CLS] a [SEP] (b [SEP]) token ids; pairs are cut longest-first, as BERT's run_classifier does."""
+    """[CLS] a [SEP] (b [SEP]) token ids; pairs are cut longest-first, as BERT's run_classifier does.
+
+    Labels are float32 targets (NaN unlabeled) for a regression task and int32 class indices (-1
+    unlabeled) otherwise; a label that is no class index of `task` raises errors.DataError.
+    """
     if not examples:
         raise errors.DataError("tokenize: no examples")
     texts_a = [e.text_a for e in examples]
@@ -226,11 +231,15 @@ def tokenize(
         input_ids[row, : len(ids)] = ids
         token_type_ids[row, : len(type_ids)] = type_ids
 
-    # Float labels mean regression; an unlabeled set cannot tell, and gets int32 -1.
-    is_regression = any(isinstance(e.label, float) for e in examples)
-    if is_regression:
+    if task.is_regression:
         labels = np.array([np.nan if e.label is None else e.label for e in examples], np.float32)
     else:
+        # `in range` compares by value, so a class index read as a float (1.0) is still one.
+        wrong = [e.label for e in examples if e.label is not None and e.label not in range(task.num_labels)]
+        if wrong:
+            raise errors.DataError(
+                f"tokenize: labels {wrong[:5]} are not class indices of task {task.name!r} (0..{task.num_labels - 1})"
+            )
         labels = np.array([-1 if e.label is None else e.label for e in examples], np.int32)
     idx = np.array([e.idx for e in examples], np.int64)
     return TokenizedDataset(input_ids, token_type_ids, lengths, labels, idx)

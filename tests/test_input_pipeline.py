@@ -210,7 +210,8 @@ def test_train_subset_is_fixed_in_file_order_and_grows_by_adding():
 def test_tokenize_pairs_like_bert(tokenizer):
     a = "the quick brown fox jumps over the lazy dog near the river bank today"
     b = "a dog sleeps"
-    data = input_pipeline.tokenize([Example(5, a, b, 1), Example(6, "short", "pair", None)], tokenizer, 12)
+    rte = tasks.get_task("rte")
+    data = input_pipeline.tokenize(rte, [Example(5, a, b, 1), Example(6, "short", "pair", None)], tokenizer, 12)
     ta, tb = bert_truncate_pair(tokenizer.tokenize(a), tokenizer.tokenize(b), 12 - 3)
     expected = ["[CLS]", *ta, "[SEP]", *tb, "[SEP]"]
     assert tokenizer.convert_ids_to_tokens(data.input_ids[0].tolist()) == expected
@@ -224,15 +225,37 @@ def test_tokenize_pairs_like_bert(tokenizer):
 
 
 def test_tokenize_single_sentences_and_regression(tokenizer):
-    data = input_pipeline.tokenize([Example(0, "hello world", None, 2.5), Example(1, "hi", None, None)], tokenizer, 8)
+    examples = [Example(0, "hello world", None, 2.5), Example(1, "hi", None, None)]
+    data = input_pipeline.tokenize(tasks.get_task("stsb"), examples, tokenizer, 8)
     assert tokenizer.convert_ids_to_tokens(data.input_ids[0, :4].tolist()) == ["[CLS]", "hello", "world", "[SEP]"]
     assert not data.token_type_ids.any()
     assert data.labels.dtype == np.float32 and data.labels[0] == 2.5 and np.isnan(data.labels[1])
 
 
+def test_tokenize_takes_regression_from_the_task_not_the_labels_python_type(tokenizer):
+    """Whole-number STS-B scores stay regression targets, and float class indices stay classes."""
+    stsb = input_pipeline.tokenize(
+        tasks.get_task("stsb"), [Example(0, "a", "b", 3), Example(1, "c", "d", 0), Example(2, "e", "f", None)],
+        tokenizer, 8,
+    )
+    assert stsb.labels.dtype == np.float32
+    assert stsb.labels[:2].tolist() == [3.0, 0.0] and np.isnan(stsb.labels[2])
+    unlabeled = input_pipeline.tokenize(tasks.get_task("stsb"), [Example(0, "a", "b", None)], tokenizer, 8)
+    assert unlabeled.labels.dtype == np.float32 and np.isnan(unlabeled.labels[0])
+    rte = input_pipeline.tokenize(tasks.get_task("rte"), [Example(0, "a", "b", 1.0), Example(1, "c", "d", 0.0)],
+                                  tokenizer, 8)
+    assert rte.labels.dtype == np.int32 and rte.labels.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("label", [2, -1, 0.5])
+def test_tokenize_refuses_labels_that_are_not_classes_of_the_task(tokenizer, label):
+    with pytest.raises(errors.DataError, match=r"not class indices of task 'rte' \(0\.\.1\)"):
+        input_pipeline.tokenize(tasks.get_task("rte"), [Example(0, "a", "b", label)], tokenizer, 8)
+
+
 def test_bucketing_halves_padding_on_sst2_dev(glue_dir, tokenizer):
     examples = input_pipeline.read_examples(tasks.get_task("sst2"), "dev", glue_dir=glue_dir)
-    data = input_pipeline.tokenize(examples, tokenizer, 128)
+    data = input_pipeline.tokenize(tasks.get_task("sst2"), examples, tokenizer, 128)
 
     def padded(buckets):
         batches = input_pipeline.eval_batches(
