@@ -1,6 +1,7 @@
 """scripts.report: best-run selection, the Table 1 markdown, the plot and the submission folder."""
 
 import json
+import math
 import pathlib
 
 import pytest
@@ -101,6 +102,30 @@ def test_render_table_has_the_paper_rows_and_ours(runs):
     appendix = markdown.split("## Every run")[1]
     assert sum(line.startswith("| rte ") for line in appendix.splitlines()) == 5
     assert "| rte | adapters (size 64) | adapter-jax | 0.0003 | 3 | 64 | 1 | 74.00 | 2.1% | 2.0 | yes |" in appendix
+
+
+def test_glue_score_column_needs_all_nine_tasks():
+    """BERT-large's leaderboard metrics as one method's dev runs: the GLUE score is its 80.5."""
+    dev = {
+        "cola": {"matthews_corr": 0.605}, "sst2": {"accuracy": 0.949}, "mrpc": {"f1": 0.893, "accuracy": 0.854},
+        "stsb": {"pearson": 0.876, "spearman": 0.865}, "qqp": {"f1": 0.721, "accuracy": 0.893},
+        "qnli": {"accuracy": 0.927}, "rte": {"accuracy": 0.701}, "wnli": {"accuracy": 0.651},
+    }
+    runs = [_run(task, "full", 0.5, all_dev_metrics={"dev": metrics}) for task, metrics in dev.items()]
+    runs.append(_run(
+        "mnli", "full", 0.867, dev_metrics={"accuracy": 0.867, "dev_mismatched/accuracy": 0.859},
+        all_dev_metrics={"dev_matched": {"accuracy": 0.867}, "dev_mismatched": {"accuracy": 0.859}},
+    ))
+    runs.append(_run("rte", "adapters", 0.7, all_dev_metrics={"dev": {"accuracy": 0.7}}))
+    lines = report.render_table(report.best_runs(runs)).splitlines()
+    header = next(line for line in lines if line.startswith("| Method"))
+    assert header.endswith("| Avg | GLUE score |")
+    assert lines[lines.index(header) + 2].startswith("| BERT_LARGE full fine-tuning |")
+    assert lines[lines.index(header) + 2].endswith("| 80.4 |")  # the paper's own Total
+    row = {line.split("|")[1].strip(): line for line in lines if "| adapter-jax |" in line}
+    assert row["full fine-tuning"].endswith("| 80.5 |")
+    assert row["adapters (best size)"].endswith("| - |")  # RTE only
+    assert math.isnan(report.glue_score({"rte": runs[-1]}))
 
 
 @pytest.mark.parametrize("per_task", [False, True])
