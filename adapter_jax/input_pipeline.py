@@ -303,11 +303,6 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     )
 
 
-def padded_token_count(batches: Iterable[Batch]) -> int:
-    """Sequence positions holding padding rather than a token, summed over `batches`."""
-    return int(sum(b["attention_mask"].size - b["attention_mask"].sum() for b in batches))
-
-
 class TrainIterator:
     """Endless shuffled training batches, resumable from `state()`.
 
