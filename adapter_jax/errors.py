@@ -1,4 +1,7 @@
-"""The project's error types: every bad input raises one of these, naming the file, line or key at fault."""
+"""The project's exceptions: bad input raises an AdapterJaxError naming the file, line or key at fault;
+a run that stops early raises NonFiniteLoss or Preempted."""
+
+import signal
 
 
 class AdapterJaxError(Exception):
@@ -19,3 +22,18 @@ class WeightsError(AdapterJaxError, ValueError):
 
 class CheckpointError(AdapterJaxError, ValueError):
     """A training checkpoint or adapter export cannot be used; the message says why."""
+
+
+class NonFiniteLoss(Exception):
+    """A step's loss or gradient was not finite and the config says to stop (on_nonfinite="stop")."""
+
+
+class Preempted(Exception):
+    """A SIGTERM or SIGINT stopped training after the checkpoint of the current step was written."""
+
+    def __init__(self, signum: int, step: int, workdir: object):
+        self.signum = signum
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint written to "
+            f"{workdir}. Rerun the same command to resume."
+        )

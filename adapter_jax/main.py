@@ -11,8 +11,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from adapter_jax import train
-from adapter_jax.errors import AdapterJaxError
+from adapter_jax import evaluation, run_utils, train
+from adapter_jax.errors import AdapterJaxError, NonFiniteLoss, Preempted
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs, the adapter export and predictions.")
@@ -59,16 +59,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv
+    run_utils.route_logs(run_utils.log_file_for(FLAGS.workdir))
     if _is_multihost():
         jax.distributed.initialize()
     logging.info("JAX devices: %d local, %d global", jax.local_device_count(), jax.device_count())
-    run = train.train_and_evaluate if FLAGS.mode == "train" else train.predict
+    run = train.train_and_evaluate if FLAGS.mode == "train" else evaluation.predict
     try:
         result = run(FLAGS.config, FLAGS.workdir)
-    except train.Preempted as e:
+    except Preempted as e:
         print(e, file=sys.stderr)
         sys.exit(128 + e.signum)
-    except (AdapterJaxError, train.NonFiniteLoss) as e:
+    except (AdapterJaxError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, AdapterJaxError) else 1)
     print(json.dumps(result, indent=2, default=str))

@@ -15,6 +15,7 @@ from adapter_jax import errors
 from adapter_jax.tasks import Task
 
 HEADER = ("index", "prediction")
+SUBMISSION_DIR = "submission"  # under a run's workdir
 
 
 def write_submission(

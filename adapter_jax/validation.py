@@ -10,9 +10,8 @@ import jax
 import ml_collections
 from etils import epath
 
-from adapter_jax import adapters, checkpoint, optim, tasks, weights
+from adapter_jax import adapters, checkpoint, tasks, trainable, weights
 from adapter_jax.errors import AdapterJaxError, CheckpointError, ConfigError
-from adapter_jax.modeling import BertConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("tsv", "tfds")
@@ -65,7 +64,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
         _number(-math.inf, 1.0, high_inclusive=False),
         "a probability in [0, 1), or < 0 for the checkpoint's own",
     ),
-    "mode": (_one_of(optim.MODES), f"one of {optim.MODES}"),
+    "mode": (_one_of(trainable.MODES), f"one of {trainable.MODES}"),
     "adapter_size": (_positive_int, "a positive integer no larger than the hidden size"),
     "adapter_init_std": (_number(0.0, low_inclusive=False), "a positive number"),
     "adapter_sites": (
@@ -106,20 +105,28 @@ Problem = tuple[str, str]
 
 def validate_config(
     config: ml_collections.ConfigDict, workdir: epath.PathLike | None = None, *, training: bool = True
-) -> None:
+) -> weights.ModelFolder:
     """Raises ConfigError listing every problem, each with the key at fault and what is allowed.
 
-    `training` asks for the train and dev files; prediction (False) needs dev and test instead.
+    `training` asks for the train and dev files; prediction (False) needs dev and test instead (and,
+    for MNLI, AX's test file). Returns the opened model folder, so that the run need not find it again.
     """
     problems = list(_key_problems(config))
     # Checks across keys run on the keys that are valid on their own, so that one bad key does not
     # hide the problems of the others.
     bad_keys = {key for key, _ in problems}
-    problems += _consistency_problems(config, bad_keys, training)
+    model_folder = None
+    if "model" not in bad_keys:
+        try:
+            model_folder = weights.open_model_folder(config.model)
+        except AdapterJaxError as e:
+            problems.append(("model", str(e)))
+    problems += _consistency_problems(config, bad_keys, training, model_folder)
     if workdir is not None:
         problems += _workdir_problems(config, epath.Path(workdir))
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(f"  - {key}: {message}" for key, message in problems))
+    return model_folder
 
 
 def _key_problems(config: ml_collections.ConfigDict) -> Iterator[Problem]:
@@ -132,7 +139,9 @@ def _key_problems(config: ml_collections.ConfigDict) -> Iterator[Problem]:
             yield key, f"{config[key]!r} is not allowed (must be {allowed})"
 
 
-def _consistency_problems(config: ml_collections.ConfigDict, bad_keys: set[str], training: bool) -> list[Problem]:
+def _consistency_problems(
+    config: ml_collections.ConfigDict, bad_keys: set[str], training: bool, model_folder: weights.ModelFolder | None
+) -> list[Problem]:
     """Checks across keys and against the model, the devices and the data, of keys valid on their own."""
     problems = []
 
@@ -143,13 +152,8 @@ def _consistency_problems(config: ml_collections.ConfigDict, bad_keys: set[str],
     for key in ("global_batch_size", "eval_batch_size"):
         if valid(key) and config[key] % devices:
             problems.append((key, f"{config[key]} is not divisible by the {devices} devices"))
-    bert_config = None
-    if valid("model"):
-        try:
-            bert_config = BertConfig.from_json_file(weights.resolve_model_dir(config.model) / "config.json")
-        except AdapterJaxError as e:
-            problems.append(("model", str(e)))
-    if bert_config is not None:
+    if model_folder is not None:
+        bert_config = model_folder.config
         has_adapters = valid("mode", "adapter_size") and config.mode == "adapters"
         if has_adapters and config.adapter_size > bert_config.hidden_size:
             problems.append(
@@ -167,11 +171,14 @@ def _consistency_problems(config: ml_collections.ConfigDict, bad_keys: set[str],
             problems.append(("adapter_layers", f"{bad_layers} beyond the model's {layers} layers (0..{layers - 1})"))
     if valid("data_source", "task", "glue_dir") and config.data_source == "tsv":
         task = tasks.get_task(config.task)
-        needed = ("train", *task.dev_splits) if training else (*task.dev_splits, *task.test_splits)
-        for split in needed:
-            path = epath.Path(config.glue_dir) / task.dir_name / task.splits[split]
+        needed = [(task, split) for split in ("train", *task.dev_splits)]
+        if not training:
+            needed = [(task, split) for split in task.dev_splits]
+            needed += [(predicted, split) for predicted in tasks.prediction_tasks(task) for split in predicted.test_splits]
+        for needed_task, split in needed:
+            path = epath.Path(config.glue_dir) / needed_task.dir_name / needed_task.splits[split]
             if not path.exists():
-                problems.append(("glue_dir", f"{path} not found (task {config.task}, split {split})"))
+                problems.append(("glue_dir", f"{path} not found (task {needed_task.name}, split {split})"))
     return problems
 
 
@@ -205,9 +212,9 @@ def _workdir_problems(config: ml_collections.ConfigDict, workdir: epath.Path) ->
 
 def saved_config(workdir: epath.Path) -> dict | None:
     """The config stored with the latest checkpoint in `workdir`, or None."""
-    if not (workdir / "checkpoints").exists():
+    if not (workdir / checkpoint.CHECKPOINT_DIR).exists():
         return None
-    meta = checkpoint.latest_meta(checkpoint.checkpoint_manager(workdir / "checkpoints"))
+    meta = checkpoint.latest_meta(checkpoint.checkpoint_manager(workdir))
     return None if meta is None else meta["config"]
 
 

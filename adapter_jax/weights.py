@@ -6,8 +6,9 @@ rename: `encoder.layer.3.output.dense.weight` <-> ('encoder', 'layer_3', 'output
 'kernel'), with Linear weights transposed ([out, in] in PyTorch, [in, out] in Flax).
 """
 
+import dataclasses
+import hashlib
 import json
-import math
 import os
 import pathlib
 import re
@@ -23,7 +24,7 @@ import safetensors
 import safetensors.numpy
 from flax import traverse_util
 
-from adapter_jax import errors, optim
+from adapter_jax import errors, trainable
 from adapter_jax.adapters import AdapterConfig
 from adapter_jax.modeling import BertConfig, BertForSequenceClassification, BertModel
 
@@ -137,16 +138,40 @@ def _to_flax(tensors: Mapping[str, np.ndarray], expected: Mapping[Path, Any], so
     return traverse_util.unflatten_dict(flat)
 
 
-def load_pretrained(name_or_path: PathLike | None) -> tuple[BertConfig, dict]:
-    """(config, BertModel params) from an HF checkpoint folder or hub name; params are float32 numpy."""
-    model_dir = resolve_model_dir(name_or_path)
-    config_path = model_dir / CONFIG_FILE
+@dataclasses.dataclass(frozen=True)
+class ModelFolder:
+    """A base model's local folder and the BertConfig read from its config.json."""
+
+    path: pathlib.Path
+    config: BertConfig
+
+
+def open_model_folder(name_or_path: PathLike | None) -> ModelFolder:
+    """Finds the model (resolve_model_dir) and reads its config.json, once for a whole run."""
+    path = resolve_model_dir(name_or_path)
+    config_path = path / CONFIG_FILE
     if not config_path.is_file():
-        raise errors.WeightsError(f"no {CONFIG_FILE} in {model_dir}")
-    config = BertConfig.from_json_file(config_path)
-    source, tensors = _read_tensors(model_dir)
-    expected = traverse_util.flatten_dict(abstract_params(BertModel(config)))
-    return config, _to_flax(tensors, expected, source)
+        raise errors.WeightsError(f"no {CONFIG_FILE} in {path}")
+    return ModelFolder(path, BertConfig.from_json_file(config_path))
+
+
+def load_pretrained(model: ModelFolder | PathLike | None) -> tuple[BertConfig, dict]:
+    """(config, BertModel params) from an opened folder, a folder or a hub name; params are float32 numpy."""
+    folder = model if isinstance(model, ModelFolder) else open_model_folder(model)
+    source, tensors = _read_tensors(folder.path)
+    expected = traverse_util.flatten_dict(abstract_params(BertModel(folder.config)))
+    return folder.config, _to_flax(tensors, expected, source)
+
+
+def fingerprint(params: Mapping[str, Any]) -> str:
+    """sha256 over every tensor's path, dtype, shape and bytes: identifies a base model's weights."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(traverse_util.flatten_dict(params).items()):
+        array = np.asarray(leaf)
+        digest.update("/".join(path).encode())
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def _tree_problems(expected: Mapping[Path, Any], given: Mapping[Path, Any]) -> list[str]:
@@ -171,14 +196,18 @@ def init_params(
     ids = jnp.ones((1, max_length), jnp.int32)
     # One compiled init instead of hundreds of eagerly dispatched initialiser ops.
     params = jax.jit(model.init)(rng, ids, ids, ids)["params"]
-    fresh = traverse_util.flatten_dict(params["bert"])
-    base = {path: leaf for path, leaf in fresh.items() if "adapter" not in path}
+    adapters, base = _split_adapters(params["bert"])
     given = traverse_util.flatten_dict(pretrained)
-    problems = _tree_problems(base, given)
+    problems = _tree_problems(traverse_util.flatten_dict(base), given)
     if problems:
         raise errors.WeightsError("pretrained weights do not fit the model:\n  " + "\n  ".join(problems))
-    fresh.update({path: jnp.asarray(leaf, jnp.float32) for path, leaf in given.items()})
-    return {"bert": traverse_util.unflatten_dict(fresh), "classifier": params["classifier"]}
+    bert = trainable.merge(adapters, jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float32), pretrained))
+    return {"bert": bert, "classifier": params["classifier"]}
+
+
+def _split_adapters(bert_params: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(adapters, the base model's own weights) of a BertModel params tree."""
+    return trainable.split(bert_params, trainable.matches(bert_params, (trainable.ADAPTERS,)))
 
 
 def export_pretrained(
@@ -192,9 +221,7 @@ def export_pretrained(
     Adapters are left out: the folder is the base model that transformers and load_pretrained read.
     Tokenizer files found in `tokenizer_dir` are copied alongside. Returns `out_dir`.
     """
-    flat = {
-        path: leaf for path, leaf in traverse_util.flatten_dict(bert_params).items() if "adapter" not in path
-    }
+    flat = traverse_util.flatten_dict(_split_adapters(bert_params)[1])
     problems = _tree_problems(traverse_util.flatten_dict(abstract_params(BertModel(config))), flat)
     if problems:
         raise errors.WeightsError("params do not fit the BertConfig being exported:\n  " + "\n  ".join(problems))
@@ -225,37 +252,31 @@ def export_pretrained(
     return out_dir
 
 
-def _size(tree: Any) -> int:
-    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
-
-
 def parameter_report(bert_config: BertConfig, adapter_size: int, num_labels: int = 2) -> dict[str, Any]:
     """Parameter counts of BERT + adapters of size m + a num_labels head, from the model and the paper.
 
     The paper's count per adapter is 2md + d + m (two projections with biases); each layer has
     two; the adapters setting also trains every LayerNorm (2 per layer + the embeddings', 2d
-    each) and the head (dk + k). The pooler stays frozen (optim's default). The fraction is of the
+    each) and the head (dk + k). The pooler stays frozen (trainable.py's default). The fraction is of the
     base model (BertModel without adapters or head), as in the paper's tables.
     """
     d, m, k, layers = bert_config.hidden_size, adapter_size, num_labels, bert_config.num_hidden_layers
     model = BertForSequenceClassification(bert_config, AdapterConfig(size=m), num_labels)
     shapes = abstract_params(model)
-    labels = optim.trainable_labels(shapes, mode="adapters", num_layers=layers)
-    total, trainable = optim.count_parameters(shapes, labels)
-    layer_0 = traverse_util.flatten_dict(shapes["bert"]["encoder"]["layer_0"])
+    trained, _ = trainable.split(shapes, trainable.trainable_mask(shapes, mode="adapters", num_layers=layers))
     per_adapter_formula = 2 * m * d + d + m if m else 0
     trainable_formula = layers * 2 * per_adapter_formula + (2 * layers + 1) * 2 * d + d * k + k
-    base = _size(abstract_params(BertModel(bert_config)))
+    base = trainable.count(abstract_params(BertModel(bert_config)))
     return {
         "hidden_size": d,
         "num_layers": layers,
         "adapter_size": m,
         "num_labels": k,
         "base_params": base,
-        "total_params": total,
-        "adapter_params_per_layer": _size([leaf for path, leaf in layer_0.items() if "adapter" in path]),
+        "total_params": trainable.count(shapes),
+        "adapter_params_per_layer": trainable.count(_split_adapters(shapes["bert"]["encoder"]["layer_0"])[0]),
         "adapter_params_per_layer_formula": 2 * per_adapter_formula,
-        "trainable_params": trainable,
+        "trainable_params": trainable.count(trained),
         "trainable_params_formula": trainable_formula,
-        "trainable_fraction": trainable / base,
+        "trainable_fraction": trainable.count(trained) / base,
     }

@@ -44,7 +44,7 @@ def measure(mode: str) -> dict:
     """Examples/s of compiled training steps in `mode`, in this process."""
     import jax
 
-    from adapter_jax import input_pipeline, optim, train
+    from adapter_jax import experiment, input_pipeline, optim, steps
     from configs import glue
 
     config = glue.get_config("rte")
@@ -54,27 +54,28 @@ def measure(mode: str) -> dict:
     config.max_seq_length = FLAGS.seq_length
     config.buckets = (FLAGS.seq_length,)  # time the full length, as the task asks
     config.global_batch_size = FLAGS.batch_size
-    setup = train.build(config)
+    setup = experiment.build(config)
     tokenizer = input_pipeline.load_tokenizer(setup.model_dir)
-    dataset = train.load_dataset(config, setup.task, "train", tokenizer)
+    dataset = experiment.load_dataset(config, setup.task, "train", tokenizer)
     iterator = input_pipeline.TrainIterator(
         dataset, global_batch_size=FLAGS.batch_size, num_devices=jax.local_device_count(), seed=0,
         buckets=tuple(config.buckets),
     )
-    tx = optim.create_optimizer(setup.labels, learning_rate=config.learning_rate, total_steps=1000)
-    p_step = train.pmapped_train_step(setup, tx)
-    p_state = train.replicate(train.initial_state(setup.params, tx, seed=0))
+    tx = optim.create_optimizer(learning_rate=config.learning_rate, total_steps=1000)
+    p_step = steps.pmapped_train_step(setup.model, tx, setup.task.is_regression)
+    p_state = steps.replicate(steps.initial_state(setup.trainable_params, tx, seed=0))
+    p_frozen = steps.replicate(setup.frozen_params)
     batches = [next(iterator) for _ in range(FLAGS.steps + 1)]
     compile_start = time.perf_counter()
-    p_state, metrics = p_step(p_state, batches[0])
+    p_state, metrics = p_step(p_state, p_frozen, batches[0])
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - compile_start
     start = time.perf_counter()
     for batch in batches[1:]:
-        p_state, metrics = p_step(p_state, batch)
+        p_state, metrics = p_step(p_state, p_frozen, batch)
     jax.block_until_ready((p_state, metrics))
     elapsed = time.perf_counter() - start
-    total, trainable = optim.count_parameters(setup.params, setup.labels)
+    counts = setup.parameter_summary()
     return {
         "system": "adapter-jax",
         "mode": mode,
@@ -82,8 +83,8 @@ def measure(mode: str) -> dict:
         "step_s": elapsed / FLAGS.steps,
         "first_step_s_with_compile": compile_s,
         "peak_rss_mib": _peak_rss_mib(),
-        "trainable_params": trainable,
-        "total_params": total,
+        "trainable_params": counts["trainable_params"],
+        "total_params": counts["total_params"],
         "devices": jax.local_device_count(),
         "jax": jax.__version__,
     }

@@ -23,7 +23,8 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from adapter_jax import paper, train
+from adapter_jax import evaluation, paper, submission, train
+from adapter_jax.errors import NonFiniteLoss
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/glue.py:rte; --config.KEY overrides.")
@@ -96,7 +97,7 @@ def sweep(
     results, failures = [], []
     for overrides in runs:
         run_dir = workdir / run_name(overrides)
-        summary_file, failure_file = run_dir / "summary.json", run_dir / "failure.json"
+        summary_file, failure_file = run_dir / train.SUMMARY_FILE, run_dir / "failure.json"
         if summary_file.exists():
             logging.info("Skipping finished run %s.", run_dir)
             summary = json.loads(summary_file.read_text())
@@ -106,7 +107,7 @@ def sweep(
         else:
             try:
                 summary = train_fn(config_for(base_config, overrides), run_dir)
-            except train.NonFiniteLoss as e:
+            except NonFiniteLoss as e:
                 failure = {"workdir": str(run_dir), **overrides, "error": str(e)}
                 if is_primary:
                     failure_file.write_text(json.dumps(failure))
@@ -115,9 +116,9 @@ def sweep(
                 continue
         result = {**summary, "workdir": str(run_dir), "source": "adapter-jax"}
         if predict_test:
-            submission_dir = run_dir / "submission"
+            submission_dir = run_dir / submission.SUBMISSION_DIR
             if not submission_dir.exists():
-                train.predict(config_for(base_config, overrides), run_dir)
+                evaluation.predict(config_for(base_config, overrides), run_dir)
             result["test_predictions_dir"] = str(submission_dir)
         results.append(result)
         if is_primary:

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 
-from adapter_jax import checkpoint, errors, input_pipeline, train, weights
+from adapter_jax import checkpoint, errors, input_pipeline, steps, train, weights
 from configs import glue
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def _config(model_dir, glue_dir, **overrides):
 
 def _latest(workdir) -> tuple[int, dict]:
     """(step, trainable params) of the latest checkpoint in `workdir`."""
-    manager = checkpoint.checkpoint_manager(pathlib.Path(workdir) / "checkpoints")
+    manager = checkpoint.checkpoint_manager(pathlib.Path(workdir))
     step = manager.latest_step()
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return step, restored.state["params"]
@@ -193,14 +193,14 @@ def _poison_steps(monkeypatch, first: int, last: int) -> None:
     The step function is traced once, so the choice is made on the traced state.step (steps done
     before this one): a NaN example weight makes the weighted loss, and so every gradient, NaN.
     """
-    original = train.train_step
+    original = steps.train_step
 
-    def poisoned_step(state, batch, **kwargs):
+    def poisoned_step(state, frozen_params, batch, **kwargs):
         poisoned = (state.step + 1 >= first) & (state.step + 1 <= last)
         batch = dict(batch, weight=jnp.where(poisoned, jnp.nan, batch["weight"]))
-        return original(state, batch, **kwargs)
+        return original(state, frozen_params, batch, **kwargs)
 
-    monkeypatch.setattr(train, "train_step", poisoned_step)
+    monkeypatch.setattr(steps, "train_step", poisoned_step)
 
 
 def _record_saves(monkeypatch) -> list[tuple[int, dict]]:
@@ -223,7 +223,7 @@ def test_nonfinite_gradient_stops_with_the_step_and_keeps_the_last_good_checkpoi
     config = _config(tiny_model_dir, tiny_glue_dir, log_every_steps=50)
     _poison_steps(monkeypatch, first=6, last=24)
     saves = _record_saves(monkeypatch)
-    with pytest.raises(train.NonFiniteLoss, match=r"at step 6 \(loss nan.*last finite loss ([\d.]+)") as info:
+    with pytest.raises(errors.NonFiniteLoss, match=r"at step 6 \(loss nan.*last finite loss ([\d.]+)") as info:
         train.train_and_evaluate(config, tmp_path)
     assert "on_nonfinite=skip" in str(info.value)
 
@@ -256,7 +256,7 @@ def test_skipped_steps_are_counted_across_a_ctrl_c_right_after_a_periodic_checkp
     handler_before = signal.getsignal(signal.SIGINT)
     with monkeypatch.context() as interrupting:
         interrupting.setattr(input_pipeline.TrainIterator, "__next__", next_then_interrupt)
-        with pytest.raises(train.Preempted, match=r"stopped by SIGINT at step 4; .* Rerun the same command") as info:
+        with pytest.raises(errors.Preempted, match=r"stopped by SIGINT at step 4; .* Rerun the same command") as info:
             train.train_and_evaluate(config, tmp_path)
     assert info.value.signum == signal.SIGINT
     assert signal.getsignal(signal.SIGINT) is handler_before
@@ -272,6 +272,21 @@ def test_skipped_steps_are_counted_across_a_ctrl_c_right_after_a_periodic_checkp
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params[8]))
     assert '"step": 8, "train/loss"' in (tmp_path / "metrics.jsonl").read_text()
     assert '"train/skipped_steps": 3' in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_a_skipped_step_still_counts_for_the_learning_rate_schedule(
+    tiny_model_dir, tiny_glue_dir, tmp_path, monkeypatch
+):
+    """Otherwise the optimizer's step count falls behind the loop's: the rate applied is not the one
+    logged, and the decay never reaches zero."""
+    config = _config(tiny_model_dir, tiny_glue_dir, on_nonfinite="skip", num_epochs=1)
+    _poison_steps(monkeypatch, first=3, last=5)
+    assert train.train_and_evaluate(config, tmp_path)["skipped_steps"] == 3
+    manager = checkpoint.checkpoint_manager(tmp_path)
+    restored = manager.restore(8, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    leaves = jax.tree_util.tree_flatten_with_path(restored.state["opt_state"])[0]
+    counts = [int(leaf) for path, leaf in leaves if "count" in jax.tree_util.keystr(path)]
+    assert len(counts) >= 2 and set(counts) == {8}, counts  # Adam's and the schedule's
 
 
 # --- Untrusted weight files ---------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Training: what trains, what crosses devices, pmap equivalence, resume, and a real end-to-end run."""
 
-import functools
+import inspect
 import json
+import pathlib
 import re
 import shutil
 
@@ -11,43 +12,65 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import jax_utils, traverse_util
 
-from adapter_jax import checkpoint, input_pipeline, optim, train
+from adapter_jax import (
+    checkpoint,
+    errors,
+    evaluation,
+    experiment,
+    export,
+    input_pipeline,
+    optim,
+    steps,
+    train,
+    trainable,
+    validation,
+)
 
 
 def _setup_and_steps(config, num_devices: int):
-    """The model, a fresh TrainState, and a pmapped train step over the first `num_devices` devices."""
-    setup = train.build(config)
+    """The experiment, a fresh TrainState, and a pmapped train step over the first `num_devices` devices."""
+    setup = experiment.build(config)
     tokenizer = input_pipeline.load_tokenizer(setup.model_dir)
-    dataset = train.load_dataset(config, setup.task, "train", tokenizer)
+    dataset = experiment.load_dataset(config, setup.task, "train", tokenizer)
     iterator = input_pipeline.TrainIterator(
         dataset, global_batch_size=config.global_batch_size, num_devices=num_devices, seed=0,
         buckets=tuple(config.buckets), process_index=0, process_count=1,
     )
-    tx = optim.create_optimizer(setup.labels, learning_rate=config.learning_rate, total_steps=100)
-    state = train.initial_state(setup.params, tx, seed=0)
-    p_step = train.pmapped_train_step(setup, tx, devices=jax.local_devices()[:num_devices])
+    tx = optim.create_optimizer(learning_rate=config.learning_rate, total_steps=100)
+    state = steps.initial_state(setup.trainable_params, tx, seed=0)
+    p_step = steps.pmapped_train_step(
+        setup.model, tx, setup.task.is_regression, devices=jax.local_devices()[:num_devices]
+    )
     return setup, state, iterator, p_step
 
 
-def _run_steps(state, iterator, p_step, num_devices, steps):
-    p_state = jax_utils.replicate(state, devices=jax.local_devices()[:num_devices])
-    for _ in range(steps):
-        p_state, _ = p_step(p_state, next(iterator))
-    return jax.tree.map(lambda x: np.asarray(x)[0], p_state)  # first device's copy
+def _replicated(setup, state, num_devices):
+    """(state, frozen parameters) copied to the first `num_devices` devices."""
+    devices = jax.local_devices()[:num_devices]
+    return jax_utils.replicate(state, devices=devices), jax_utils.replicate(setup.frozen_params, devices=devices)
+
+
+def _run_steps(setup, state, iterator, p_step, num_devices, num_steps):
+    """The full parameters and the state after `num_steps` steps (first device's copy)."""
+    p_state, p_frozen = _replicated(setup, state, num_devices)
+    for _ in range(num_steps):
+        p_state, _ = p_step(p_state, p_frozen, next(iterator))
+    state = jax.tree.map(lambda x: np.asarray(x)[0], p_state)
+    return trainable.merge(state.params, setup.frozen_params), state
 
 
 def test_adapters_mode_freezes_everything_else(tiny_config):
     setup, state, iterator, p_step = _setup_and_steps(tiny_config, num_devices=2)
-    final = _run_steps(state, iterator, p_step, 2, steps=3)
+    params_after, final = _run_steps(setup, state, iterator, p_step, 2, num_steps=3)
     flat_before = traverse_util.flatten_dict(jax.device_get(setup.params))
-    flat_after = traverse_util.flatten_dict(final.params)
-    flat_labels = traverse_util.flatten_dict(setup.labels)
-    trainable_paths = [p for p, label in flat_labels.items() if label == optim.TRAINABLE]
+    flat_after = traverse_util.flatten_dict(params_after)
+    flat_mask = traverse_util.flatten_dict(setup.trainable_mask)
+    trainable_paths = [p for p, trains in flat_mask.items() if trains]
     assert any("adapter" in p for p in trainable_paths) and any("LayerNorm" in p for p in trainable_paths)
     assert not any("pooler" in p or "query" in p or "word_embeddings" in p for p in trainable_paths)
     for path, before in flat_before.items():
         after = flat_after[path]
-        if flat_labels[path] == optim.FROZEN:
+        if not flat_mask[path]:
             assert np.array_equal(before, after) and before.tobytes() == after.tobytes(), path
         else:
             assert not np.array_equal(before, after), f"trainable {path} did not change"
@@ -74,11 +97,8 @@ def _all_reduce_bytes(hlo_text: str) -> int:
 def test_compiled_step_all_reduces_only_trainable_gradients(tiny_config, mode):
     tiny_config.mode = mode
     setup, state, iterator, p_step = _setup_and_steps(tiny_config, num_devices=2)
-    p_state = jax_utils.replicate(state, devices=jax.local_devices()[:2])
-    hlo = p_step.lower(p_state, next(iterator)).compile().as_text()
-    trainable_bytes = sum(
-        leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(optim.partition(setup.params, setup.labels)[0])
-    )
+    hlo = p_step.lower(*_replicated(setup, state, 2), next(iterator)).compile().as_text()
+    trainable_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(setup.trainable_params))
     reduced = _all_reduce_bytes(hlo)
     scalars = 64  # the loss, and little else
     assert reduced > 0
@@ -87,10 +107,10 @@ def test_compiled_step_all_reduces_only_trainable_gradients(tiny_config, mode):
         total_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(setup.params))
         assert reduced < total_bytes / 10
     else:  # the same check fails for full fine-tuning, whose trainable set is everything
-        adapters_labels = optim.trainable_labels(setup.params, mode="adapters", num_layers=2)
+        adapters_mask = trainable.trainable_mask(setup.params, mode="adapters", num_layers=2)
         adapter_bytes = sum(
             leaf.size * leaf.dtype.itemsize
-            for leaf in jax.tree.leaves(optim.partition(setup.params, adapters_labels)[0])
+            for leaf in jax.tree.leaves(trainable.split(setup.params, adapters_mask)[0])
         )
         assert reduced > adapter_bytes + scalars
 
@@ -99,14 +119,14 @@ def test_one_and_two_devices_give_the_same_parameters(tiny_config):
     tiny_config.dropout_rate = 0.0  # per-device dropout keys differ by design; the maths must not
     results = []
     for num_devices in (1, 2):
-        _, state, iterator, p_step = _setup_and_steps(tiny_config, num_devices)
-        results.append(_run_steps(state, iterator, p_step, num_devices, steps=4).params)
+        setup, state, iterator, p_step = _setup_and_steps(tiny_config, num_devices)
+        results.append(_run_steps(setup, state, iterator, p_step, num_devices, num_steps=4)[0])
     for one, two in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
         np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-6)
 
 
 def _final_checkpoint_params(workdir) -> dict:
-    manager = checkpoint.checkpoint_manager(workdir / "checkpoints")
+    manager = checkpoint.checkpoint_manager(workdir)
     restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return restored.state["params"]
 
@@ -135,10 +155,10 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path):
 def test_predict_writes_submission_from_export(tiny_config, tmp_path):
     summary = train.train_and_evaluate(tiny_config, tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["score"] == summary["score"]
-    result = train.predict(tiny_config, tmp_path)
+    result = evaluation.predict(tiny_config, tmp_path)
     assert result["dev_metrics"]["dev"] == summary["all_dev_metrics"]["dev"]
     (path,) = result["submission_files"]
-    rows = open(path).read().splitlines()
+    rows = pathlib.Path(path).read_text().splitlines()
     assert rows[0] == "index\tprediction" and len(rows) == 1 + 20
     assert {r.split("\t")[1] for r in rows[1:]} <= {"entailment", "not_entailment"}
 
@@ -147,7 +167,7 @@ def test_export_refuses_another_base_model(tiny_config, tmp_path, minilm_dir):
     train.train_and_evaluate(tiny_config, tmp_path)
     tiny_config.model = str(minilm_dir)
     with pytest.raises(Exception, match="trained on base model"):
-        train.load_export_onto_base(tiny_config, tmp_path / "export")
+        export.load_onto_base(tiny_config, tmp_path / "export")
 
 
 def test_real_minilm_rte_end_to_end(glue_dir, minilm_dir, tmp_path):
@@ -165,21 +185,24 @@ def test_real_minilm_rte_end_to_end(glue_dir, minilm_dir, tmp_path):
     config.log_every_steps = 1
     summary = train.train_and_evaluate(config, tmp_path)
 
-    losses = [json.loads(line)["train/loss"] for line in open(tmp_path / "metrics.jsonl") if "train/loss" in line]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["train/loss"] for line in lines if "train/loss" in line]
     assert len(losses) == 24
     assert np.mean(losses[-6:]) < np.mean(losses[:6]) - 0.02, losses
     assert 0.0 <= summary["dev_metrics"]["accuracy"] <= 1.0
     assert summary["trainable_fraction"] < 0.05
 
-    export = tmp_path / "export" / checkpoint.EXPORT_FILE
+    export_file = tmp_path / "export" / export.EXPORT_FILE
     full_bytes = 4 * summary["total_params"]
-    assert export.stat().st_size < 0.05 * full_bytes
+    assert export_file.stat().st_size < 0.05 * full_bytes
 
-    setup, _ = train.load_export_onto_base(config, tmp_path / "export")
+    setup, config = export.load_onto_base(config, tmp_path / "export")
     tokenizer = input_pipeline.load_tokenizer(setup.model_dir)
-    dev = {"dev": train.load_dataset(config, setup.task, "dev", tokenizer)}
-    p_eval = jax.pmap(functools.partial(train.eval_step, model=setup.model), axis_name=train.AXIS)
-    results = train.evaluate(p_eval, train.replicate(setup.params), dev, setup.task, config)
+    dev = {"dev": experiment.load_dataset(config, setup.task, "dev", tokenizer)}
+    evaluator = evaluation.Evaluator(setup, config)
+    results = evaluator.evaluate(
+        steps.replicate(setup.trainable_params), steps.replicate(setup.frozen_params), dev, setup.task
+    )
     assert results == summary["all_dev_metrics"]
 
 
@@ -189,9 +212,8 @@ def test_compiled_step_skips_weight_gradients_of_frozen_layers(tiny_config):
     flops = {}
     for mode in ("adapters", "full"):
         tiny_config.mode = mode
-        _, state, iterator, p_step = _setup_and_steps(tiny_config, num_devices=2)
-        p_state = jax_utils.replicate(state, devices=jax.local_devices()[:2])
-        analysis = p_step.lower(p_state, next(iterator)).compile().cost_analysis()
+        setup, state, iterator, p_step = _setup_and_steps(tiny_config, num_devices=2)
+        analysis = p_step.lower(*_replicated(setup, state, 2), next(iterator)).compile().cost_analysis()
         analysis = analysis[0] if isinstance(analysis, list) else analysis
         flops[mode] = analysis["flops"]
     assert flops["adapters"] < 0.8 * flops["full"], flops
@@ -199,10 +221,10 @@ def test_compiled_step_skips_weight_gradients_of_frozen_layers(tiny_config):
 
 def test_replicated_state_is_laid_out_like_the_steps_outputs(tiny_config):
     """Otherwise JAX compiles the whole training step a second time on step 2."""
-    _, state, iterator, p_step = _setup_and_steps(tiny_config, num_devices=jax.local_device_count())
-    p_state = train.replicate(state)
+    setup, state, iterator, p_step = _setup_and_steps(tiny_config, num_devices=jax.local_device_count())
+    p_state = steps.replicate(state)
     before = [leaf.sharding for leaf in jax.tree.leaves(p_state)]
-    p_state, _ = p_step(p_state, next(iterator))
+    p_state, _ = p_step(p_state, steps.replicate(setup.frozen_params), next(iterator))
     assert [leaf.sharding for leaf in jax.tree.leaves(p_state)] == before
 
 
@@ -212,7 +234,51 @@ def test_predict_needs_no_train_file(tiny_config, tmp_path):
     shutil.copytree(tiny_config.glue_dir, glue)
     (glue / "RTE" / "train.tsv").unlink()
     tiny_config.glue_dir = str(glue)
-    assert train.predict(tiny_config, tmp_path / "run")["submission_files"]
+    assert evaluation.predict(tiny_config, tmp_path / "run")["submission_files"]
     (glue / "RTE" / "test.tsv").unlink()
     with pytest.raises(Exception, match=r"test\.tsv not found"):
-        train.predict(tiny_config, tmp_path / "run")
+        evaluation.predict(tiny_config, tmp_path / "run")
+
+
+def _recording_tokenize(monkeypatch) -> list[int]:
+    """The max_seq_length of every tokenize call from now on."""
+    lengths = []
+    original = input_pipeline.tokenize
+
+    def recording(*args, **kwargs):
+        lengths.append(inspect.signature(original).bind(*args, **kwargs).arguments["max_seq_length"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(input_pipeline, "tokenize", recording)
+    return lengths
+
+
+def test_predict_checks_the_config_with_the_exports_settings_in_place(tiny_config, tmp_path):
+    train.train_and_evaluate(tiny_config, tmp_path)
+    tiny_config.adapter_size = 64  # above the tiny model's hidden size: refused for training, but the export says 8
+    assert evaluation.predict(tiny_config, tmp_path)["submission_files"]
+
+
+def test_predict_tokenizes_to_the_exports_sequence_length(tiny_config, tmp_path, monkeypatch):
+    train.train_and_evaluate(tiny_config, tmp_path)
+    tiny_config.max_seq_length = 16
+    lengths = _recording_tokenize(monkeypatch)
+    evaluation.predict(tiny_config, tmp_path)
+    assert lengths and set(lengths) == {32}
+
+
+def test_predicting_mnli_checks_the_ax_file_before_it_starts(tiny_config, tmp_path):
+    """An MNLI model predicts AX too; a missing diagnostic.tsv is a config error up front, not a crash
+    after the MNLI files are written."""
+    header = "index\tsentence1\tsentence2\tgold_label\n"
+    for name in ("dev_matched", "dev_mismatched", "test_matched", "test_mismatched"):
+        path = tmp_path / "MNLI" / f"{name}.tsv"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(header + "0\ta cat\ta dog\tneutral\n")
+    tiny_config.task = "mnli"
+    tiny_config.glue_dir = str(tmp_path)
+    with pytest.raises(errors.ConfigError, match=r"diagnostic[/\\]diagnostic\.tsv not found \(task ax, split test\)"):
+        validation.validate_config(tiny_config, training=False)
+    (tmp_path / "diagnostic").mkdir()
+    (tmp_path / "diagnostic" / "diagnostic.tsv").write_text("index\tsentence1\tsentence2\n0\ta cat\ta dog\n")
+    validation.validate_config(tiny_config, training=False)

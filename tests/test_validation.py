@@ -13,7 +13,15 @@ import jax
 import numpy as np
 import pytest
 
-from adapter_jax import checkpoint, errors, input_pipeline, tasks, validation, weights
+from adapter_jax import (
+    checkpoint,
+    errors,
+    export,
+    input_pipeline,
+    tasks,
+    validation,
+    weights,
+)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -63,7 +71,7 @@ def _unwritable_workdir(config, tmp_path, model_dir, glue_dir):
 
 def _corrupt_checkpoint_in_workdir(config, tmp_path, model_dir, glue_dir):
     workdir = tmp_path / "work"
-    manager = checkpoint.checkpoint_manager(workdir / "checkpoints")
+    manager = checkpoint.checkpoint_manager(workdir)
     checkpoint.save_checkpoint(manager, 4, {"x": np.zeros(2, np.float32)}, {"config": config.to_dict()})
     manager.wait_until_finished()
     for path in (workdir / "checkpoints" / "4" / "meta").iterdir():
@@ -116,30 +124,30 @@ def _empty_pytorch_bin(config, tmp_path, model_dir, glue_dir):
 
 def _export(tmp_path) -> pathlib.Path:
     params = {"classifier": {"bias": np.zeros(2, np.float32), "kernel": np.ones((32, 2), np.float32)}}
-    return checkpoint.export_adapters(tmp_path / "export", params, {"task": "rte", "format": 1})
+    return export.write(tmp_path / "export", params, {"task": "rte", "format": 1})
 
 
 def _export_truncated(config, tmp_path, model_dir, glue_dir):
     path = _export(tmp_path)
     path.write_bytes(path.read_bytes()[:-100])
-    return lambda: checkpoint.load_adapters(path), f"adapter export {path} is corrupt"
+    return lambda: export.read(path), f"adapter export {path} is corrupt"
 
 
 def _export_header_garbage(config, tmp_path, model_dir, glue_dir):
     path = _export(tmp_path)
     path.write_bytes((2**40).to_bytes(8, "little") + path.read_bytes()[8:])
-    return lambda: checkpoint.load_adapters(path.parent), f"adapter export {path} is corrupt"
+    return lambda: export.read(path.parent), f"adapter export {path} is corrupt"
 
 
 def _export_of_another_program(config, tmp_path, model_dir, glue_dir):
-    path = tmp_path / "export" / checkpoint.EXPORT_FILE
+    path = tmp_path / "export" / export.EXPORT_FILE
     path.parent.mkdir()
     shutil.copy(model_dir / weights.SAFETENSORS_FILE, path)  # valid safetensors, no adapter-jax header
-    return lambda: checkpoint.load_adapters(path), f"adapter export {path} is corrupt or not an adapter-jax export"
+    return lambda: export.read(path), f"adapter export {path} is corrupt or not an adapter-jax export"
 
 
 def _export_missing(config, tmp_path, model_dir, glue_dir):
-    return lambda: checkpoint.load_adapters(tmp_path / "export"), f"adapter export not found: {tmp_path / 'export'}"
+    return lambda: export.read(tmp_path / "export"), f"adapter export not found: {tmp_path / 'export'}"
 
 
 CASES = [
@@ -206,7 +214,7 @@ def test_a_valid_config_passes(tiny_config, tmp_path):
 
 
 def test_resuming_with_an_incompatible_config_lists_the_differences(tiny_config, tmp_path, tiny_model_dir, minilm_dir):
-    manager = checkpoint.checkpoint_manager(tmp_path / "checkpoints")
+    manager = checkpoint.checkpoint_manager(tmp_path)
     checkpoint.save_checkpoint(manager, 4, {"x": np.zeros(2, np.float32)}, {"config": tiny_config.to_dict()})
     manager.wait_until_finished()
     tiny_config.log_every_steps = 10  # bookkeeping may change on resume

@@ -1,0 +1,98 @@
+"""Building a run from its config: the task, the base model with adapters, its parameters split by
+what trains, and the datasets."""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from etils import epath
+
+from adapter_jax import input_pipeline, tasks, trainable, weights
+from adapter_jax.adapters import AdapterConfig
+from adapter_jax.modeling import BertConfig, BertForSequenceClassification
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a config defines before training: task, model, and parameters split by the mask."""
+
+    task: tasks.Task
+    model_dir: epath.Path
+    bert_config: BertConfig
+    model: BertForSequenceClassification
+    trainable_mask: dict  # shaped like the parameters: True where a parameter trains
+    trainable_params: dict
+    frozen_params: dict
+    base_fingerprint: str  # of the base model's weights (weights.fingerprint)
+
+    @property
+    def params(self) -> dict:
+        return trainable.merge(self.trainable_params, self.frozen_params)
+
+    def parameter_summary(self) -> dict[str, Any]:
+        return trainable.parameter_summary(self.params, self.trainable_mask)
+
+
+def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig:
+    size = config.adapter_size if config.mode == "adapters" else 0
+    return AdapterConfig(
+        size=size,
+        init_std=config.adapter_init_std,
+        sites=tuple(config.adapter_sites),
+        layers=tuple(config.adapter_layers) or None,
+    )
+
+
+def build(config: ml_collections.ConfigDict, model_folder: weights.ModelFolder | None = None) -> Experiment:
+    """Loads the base model (from `model_folder` if already opened), adds adapters and a head, and
+    splits the parameters into trainable and frozen."""
+    task = tasks.get_task(config.task)
+    model_folder = model_folder or weights.open_model_folder(config.model)
+    bert_config, pretrained = weights.load_pretrained(model_folder)
+    if config.dropout_rate >= 0:
+        bert_config = dataclasses.replace(
+            bert_config, hidden_dropout_prob=config.dropout_rate, attention_probs_dropout_prob=config.dropout_rate
+        )
+    model = BertForSequenceClassification(
+        config=bert_config,
+        adapter=adapter_config(config),
+        num_labels=task.num_labels,
+        dtype=jnp.dtype(config.dtype),
+    )
+    params = weights.init_params(model, pretrained, jax.random.PRNGKey(config.seed))
+    mask = trainable.trainable_mask(
+        params,
+        mode=config.mode,
+        num_layers=bert_config.num_hidden_layers,
+        top_k=config.top_k,
+        train_pooler=config.train_pooler,
+    )
+    trainable_params, frozen_params = trainable.split(params, mask)
+    return Experiment(
+        task=task,
+        model_dir=epath.Path(model_folder.path),
+        bert_config=bert_config,
+        model=model,
+        trainable_mask=mask,
+        trainable_params=trainable_params,
+        frozen_params=frozen_params,
+        base_fingerprint=weights.fingerprint(pretrained),
+    )
+
+
+def load_dataset(
+    config: ml_collections.ConfigDict, task: tasks.Task, split: str, tokenizer
+) -> input_pipeline.TokenizedDataset:
+    """One split of `task`, tokenized; the train split cut to config.max_train_examples if set."""
+    examples = input_pipeline.read_examples(
+        task,
+        split,
+        glue_dir=config.glue_dir,
+        source=config.data_source,
+        tfds_data_dir=config.tfds_data_dir or None,
+    )
+    if split == "train" and 0 < config.max_train_examples < len(examples):
+        examples = [examples[i] for i in input_pipeline.train_subset_indices(len(examples), config.max_train_examples)]
+    return input_pipeline.tokenize(task, examples, tokenizer, config.max_seq_length)

@@ -1,0 +1,132 @@
+"""The adapter export: what a task adds to the base model, in one file, and loading it back onto that base.
+
+The export is <workdir>/export/adapters.safetensors: the trained parameters (adapters, LayerNorms,
+head: the trainable subtree) plus, in the file's header, the settings and base-model fingerprint
+they belong to. safetensors holds tensors only, so loading an export never unpickles anything.
+"""
+
+import dataclasses
+import json
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import safetensors
+import safetensors.numpy
+from etils import epath
+from flax import traverse_util
+
+from adapter_jax import experiment as experiment_lib
+from adapter_jax import weights
+from adapter_jax.errors import CheckpointError
+
+EXPORT_DIR = "export"  # under the workdir
+EXPORT_FILE = "adapters.safetensors"
+_METADATA_KEY = "adapter_jax"
+_SEPARATOR = "/"
+
+
+def metadata(config: ml_collections.ConfigDict, experiment: experiment_lib.Experiment) -> dict[str, Any]:
+    """What an export must say so that it can be checked against a base model and rebuilt."""
+    return {
+        "format": 1,
+        "task": experiment.task.name,
+        "model": config.model,
+        "base_fingerprint": experiment.base_fingerprint,
+        "bert_config": dataclasses.asdict(experiment.bert_config),
+        "adapter": dataclasses.asdict(experiment_lib.adapter_config(config)),
+        "mode": config.mode,
+        "top_k": config.top_k,
+        "train_pooler": config.train_pooler,
+        "num_labels": experiment.task.num_labels,
+        "max_seq_length": config.max_seq_length,
+    }
+
+
+def write(directory: epath.PathLike, params: Mapping[str, Any], metadata: Mapping[str, Any]) -> epath.Path:
+    """Writes the trained parameters and their settings to `<directory>/adapters.safetensors`, atomically."""
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        _SEPARATOR.join(path): np.asarray(jax.device_get(leaf))
+        for path, leaf in traverse_util.flatten_dict(params).items()
+    }
+    data = safetensors.numpy.save(tensors, metadata={_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    target = directory / EXPORT_FILE
+    temporary = directory / f".{EXPORT_FILE}.tmp-{socket.gethostname()}-{os.getpid()}"
+    temporary.write_bytes(data)
+    temporary.replace(target)
+    return target
+
+
+def read(path: epath.PathLike) -> tuple[dict, dict]:
+    """Reads an export written by `write` (the file, or the folder holding it): (nested params, metadata)."""
+    path = epath.Path(path)
+    if path.is_dir():
+        path = path / EXPORT_FILE
+    if not path.exists():
+        raise CheckpointError(f"adapter export not found: {path}")
+    try:
+        data = path.read_bytes()
+        tensors = safetensors.numpy.load(data)
+        header_length = int.from_bytes(data[:8], "little")  # safetensors: 8-byte length, then a JSON header
+        settings = json.loads(json.loads(data[8 : 8 + header_length])["__metadata__"][_METADATA_KEY])
+    except (KeyError, ValueError, safetensors.SafetensorError) as e:
+        raise CheckpointError(f"adapter export {path} is corrupt or not an adapter-jax export: {e}") from e
+    params = traverse_util.unflatten_dict({tuple(k.split(_SEPARATOR)): v for k, v in tensors.items()})
+    return params, settings
+
+
+def config_for_export(config: ml_collections.ConfigDict, settings: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """`config` with the export's own settings (task, what trained, adapters, sequence length) in place."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.task = settings["task"]
+        config.mode = settings["mode"]
+        config.top_k = settings["top_k"]
+        config.train_pooler = settings["train_pooler"]
+        config.adapter_size = settings["adapter"]["size"] or config.adapter_size
+        config.adapter_init_std = settings["adapter"]["init_std"]
+        config.adapter_sites = tuple(settings["adapter"]["sites"])
+        config.adapter_layers = tuple(settings["adapter"]["layers"] or ())
+        config.max_seq_length = settings["max_seq_length"]
+    return config
+
+
+def load_onto_base(
+    config: ml_collections.ConfigDict, path: epath.PathLike
+) -> tuple[experiment_lib.Experiment, ml_collections.ConfigDict]:
+    """The base model of `config` with the export at `path` on it, and the config with the export's settings."""
+    trained, settings = read(path)
+    config = config_for_export(config, settings)
+    return onto_base(config, trained, settings, path), config
+
+
+def onto_base(
+    config: ml_collections.ConfigDict,
+    trained: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    source: epath.PathLike,
+    model_folder: weights.ModelFolder | None = None,
+) -> experiment_lib.Experiment:
+    """Builds `config` (which carries the export's settings) with the trained parameters read from
+    `source`; refuses a base model other than the one they were trained on, or mismatched shapes."""
+    experiment = experiment_lib.build(config, model_folder)
+    if settings["base_fingerprint"] != experiment.base_fingerprint:
+        raise CheckpointError(
+            f"adapter export {source} was trained on base model {settings['model']!r} "
+            f"(weights sha256 {settings['base_fingerprint'][:12]}...), but {config.model!r} has weights "
+            f"sha256 {experiment.base_fingerprint[:12]}...; load it onto the base it was trained on"
+        )
+    expected = jax.tree.map(np.shape, experiment.trainable_params)
+    found = jax.tree.map(np.shape, dict(trained))
+    if expected != found:
+        raise CheckpointError(
+            f"adapter export {source} does not match the model built from its settings: "
+            f"expected parameter shapes {expected}, found {found}"
+        )
+    return dataclasses.replace(experiment, trainable_params=dict(trained))
