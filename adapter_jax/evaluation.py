@@ -65,18 +65,25 @@ class Evaluator:
         }
 
 
+def load_export(
+    config: ml_collections.ConfigDict, path: epath.PathLike
+) -> tuple[experiment_lib.Experiment, ml_collections.ConfigDict]:
+    """The base model of `config` with the export at `path` on it, and the config with the export's own
+    settings (task, what trained, adapters, sequence length) in place, checked for prediction."""
+    trained, settings = export.read(path)
+    config = export.config_for_export(config, settings)
+    model_folder = validation.validate_config(config, training=False)
+    return export.onto_base(config, trained, settings, path, model_folder), config
+
+
 def predict(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
     """Loads base model + <workdir>/export, scores dev, and writes GLUE submission files for test.
 
-    The export's own settings (task, what trained, adapters, sequence length) replace the config's
-    before the config is checked. For MNLI the diagnostic set (AX) is predicted too, as GLUE asks.
+    The export's settings replace the config's before it is checked (load_export). For MNLI the
+    diagnostic set (AX) is predicted too, as GLUE asks.
     """
     workdir = epath.Path(workdir)
-    export_path = workdir / export.EXPORT_DIR
-    trained, settings = export.read(export_path)
-    config = export.config_for_export(config, settings)
-    model_folder = validation.validate_config(config, training=False)
-    experiment = export.onto_base(config, trained, settings, export_path, model_folder)
+    experiment, config = load_export(config, workdir / export.EXPORT_DIR)
     task = experiment.task
     tokenizer = input_pipeline.load_tokenizer(experiment.model_dir)
     evaluator = Evaluator(experiment, config)

@@ -97,15 +97,6 @@ def config_for_export(config: ml_collections.ConfigDict, settings: Mapping[str, 
     return config
 
 
-def load_onto_base(
-    config: ml_collections.ConfigDict, path: epath.PathLike
-) -> tuple[experiment_lib.Experiment, ml_collections.ConfigDict]:
-    """The base model of `config` with the export at `path` on it, and the config with the export's settings."""
-    trained, settings = read(path)
-    config = config_for_export(config, settings)
-    return onto_base(config, trained, settings, path), config
-
-
 def onto_base(
     config: ml_collections.ConfigDict,
     trained: Mapping[str, Any],

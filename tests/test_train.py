@@ -167,7 +167,7 @@ def test_export_refuses_another_base_model(tiny_config, tmp_path, minilm_dir):
     train.train_and_evaluate(tiny_config, tmp_path)
     tiny_config.model = str(minilm_dir)
     with pytest.raises(Exception, match="trained on base model"):
-        export.load_onto_base(tiny_config, tmp_path / "export")
+        evaluation.load_export(tiny_config, tmp_path / "export")
 
 
 def test_real_minilm_rte_end_to_end(glue_dir, minilm_dir, tmp_path):
@@ -196,7 +196,7 @@ def test_real_minilm_rte_end_to_end(glue_dir, minilm_dir, tmp_path):
     full_bytes = 4 * summary["total_params"]
     assert export_file.stat().st_size < 0.05 * full_bytes
 
-    setup, config = export.load_onto_base(config, tmp_path / "export")
+    setup, config = evaluation.load_export(config, tmp_path / "export")
     tokenizer = input_pipeline.load_tokenizer(setup.model_dir)
     dev = {"dev": experiment.load_dataset(config, setup.task, "dev", tokenizer)}
     evaluator = evaluation.Evaluator(setup, config)
