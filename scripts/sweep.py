@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from adapter_jax import evaluation, paper, submission, train
+from adapter_jax import evaluation, paper, run_utils, submission, train
 from adapter_jax.errors import NonFiniteLoss
 
 FLAGS = flags.FLAGS
@@ -143,6 +143,8 @@ def _write_jsonl(path: epath.Path, records: Sequence[dict[str, Any]]) -> None:
 def main(argv: list[str]) -> None:
     del argv
     import jax
+
+    run_utils.route_logs(run_utils.log_file_for(FLAGS.workdir))
 
     runs = list(
         grid(
