@@ -1,12 +1,14 @@
 """adapter-jax: Houlsby et al. (2019) adapters for BERT in JAX/Flax."""
 
+import pathlib
+
 import setuptools
 
 setuptools.setup(
     name="adapter-jax",
     version="0.1.0",
     description="Parameter-efficient transfer learning for NLP (Houlsby et al., 2019) in JAX/Flax.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=pathlib.Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["adapter_jax", "adapter_jax.*"]),
     python_requires=">=3.10",

@@ -237,7 +237,7 @@ def test_entry_point_prints_error_and_exits_2_without_a_traceback(tiny_model_dir
     result = subprocess.run(
         [*common, f"--config.model={tiny_model_dir}", f"--config.glue_dir={tiny_glue_dir}",
          "--config.learning_rate=-1", "--config.num_epochs=0", "--config.task=ax"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -247,7 +247,8 @@ def test_entry_point_prints_error_and_exits_2_without_a_traceback(tiny_model_dir
 
     # A key the config does not have fails in flag parsing, before JAX starts: same form.
     result = subprocess.run(
-        [*common, "--config.learning_rat=1"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+        [*common, "--config.learning_rat=1"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+        check=False,
     )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
