@@ -3,8 +3,10 @@ From the repository root:
 
     python -m scripts.report --results=sweeps/rte/results.jsonl,sweeps/cola/results.jsonl --out_dir=docs/results
 
-writes `<out_dir>/report.md` and `<out_dir>/params_vs_score.png`; `--submission_dir` also gathers the selected
-runs' test predictions into a GLUE submission folder (zip its contents and upload them to gluebenchmark.com).
+writes `<out_dir>/report.md` and `<out_dir>/params_vs_score.png`, and, where the runs include top_k or
+layernorm baselines, `<out_dir>/tradeoff.png` (the paper's Figures 3-4: best dev score against trained parameters,
+one line per method and one panel per task); `--submission_dir` also gathers the selected runs' test predictions
+into a GLUE submission folder (zip its contents and upload them to gluebenchmark.com).
 
 Selection follows the paper: for each task and method, the run with the best dev score over the grid (learning
 rate, epochs, seeds and, for "adapters (best size)", the adapter size). Our scores are dev, the paper's are test.
@@ -13,18 +15,20 @@ rate, epochs, seeds and, for "adapters (best size)", the adapter size). Our scor
 import argparse
 import collections
 import dataclasses
+import io
 import json
 import math
 import pathlib
 import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib
 from etils import epath
 
 matplotlib.use("Agg")  # No display on TPU VMs or CI.
+import matplotlib.figure
 import matplotlib.pyplot as plt
 
 from adapter_jax import metrics, paper, tasks
@@ -38,6 +42,7 @@ REQUIRED_KEYS = ("task", "mode", "score")
 OUR_SOURCE = "adapter-jax"
 BEST_SIZE = "adapters (best size)"
 PAPER_SOURCE = "paper (GLUE test)"
+TRADEOFF_FILE = "tradeoff.png"
 # The paper's "total params" counts one task-specific copy for each of the nine GLUE tasks.
 NUM_GLUE_TASKS = len(tasks.GLUE_TASKS)
 # How a dev_metrics key names MNLI's mismatched accuracy, e.g. "accuracy_mm", "mm/accuracy", "mismatched_acc".
@@ -244,7 +249,7 @@ def _family(label: str) -> str:
     return "fine-tuning" if label.startswith(("top_k", "full")) else label
 
 
-def plot(best: BestRuns, path: str | pathlib.Path, per_task: bool = False) -> pathlib.Path:
+def plot(best: BestRuns, path: epath.PathLike, per_task: bool = False) -> epath.Path:
     """The paper's Figure 1 kind: score vs trained parameters per task (log x), adapters vs fine-tuning.
 
     One panel with each method's mean over the columns our runs fill (methods missing one of them are left out),
@@ -288,11 +293,97 @@ def plot(best: BestRuns, path: str | pathlib.Path, per_task: bool = False) -> pa
     legend = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
     axes.flat[0].legend(legend.values(), legend.keys(), fontsize=7)
     fig.tight_layout()
-    path = pathlib.Path(path)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: matplotlib.figure.Figure, path: epath.PathLike) -> epath.Path:
+    """Writes `fig` as a PNG to `path` (local or gs://, its folder created) and closes it."""
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    path.write_bytes(buffer.getvalue())
     plt.close(fig)
     return path
+
+
+# The methods of the paper's trade-off (Figures 3-4), by mode, in legend order.
+TRADEOFF_METHODS: Mapping[str, str] = {
+    "adapters": "adapters (size m)",
+    "top_k": "fine-tuning the top k layers",
+    "layernorm": "LayerNorm only",
+    "full": "full fine-tuning",
+}
+# The paper's reading of its Figures 3-4, in the words of this repository's issue 14.
+TRADEOFF_CLAIM = "Houlsby et al. (2019), Figs. 3-4: adapters dominate top-k fine-tuning at every parameter budget."
+
+
+class TradeoffPoint(NamedTuple):
+    trainable_params: int
+    score: float  # percent
+    label: str  # what varies along the method's line: "m=8", "k=2", or ""
+
+
+def tradeoff_points(best: BestRuns) -> dict[str, dict[Method, list[TradeoffPoint]]]:
+    """Task -> (source, mode) -> that method's points, fewest trained parameters first: at each adapter size
+    or k, the best dev run over learning rate, epochs and seeds (best_runs' choice)."""
+    points: dict[str, dict[Method, list[TradeoffPoint]]] = collections.defaultdict(dict)
+    for (source, method), by_task in best.items():
+        if method == BEST_SIZE:
+            continue
+        for task, run in by_task.items():
+            if run["mode"] not in TRADEOFF_METHODS or not run.get("trainable_params"):
+                continue
+            label = {"adapters": f"m={run.get('adapter_size')}", "top_k": f"k={run.get('top_k')}"}.get(run["mode"], "")
+            line = points[task].setdefault((source, run["mode"]), [])
+            line.append(TradeoffPoint(run["trainable_params"], 100 * run["score"], label))
+    return {task: {method: sorted(line) for method, line in lines.items()} for task, lines in sorted(points.items())}
+
+
+def has_tradeoff(points: Mapping[str, Mapping[Method, Sequence[TradeoffPoint]]]) -> bool:
+    """Whether the runs include the baselines the trade-off plot is for (top-k or LayerNorm-only)."""
+    return any(mode in ("top_k", "layernorm") for lines in points.values() for _, mode in lines)
+
+
+def _line_order(source: str, mode: str) -> tuple:
+    return source != OUR_SOURCE, source, list(TRADEOFF_METHODS).index(mode)
+
+
+def plot_tradeoff(best: BestRuns, path: epath.PathLike) -> matplotlib.figure.Figure:
+    """The paper's Figures 3-4 kind, one panel per task: best dev score against trained parameters (log x),
+    one line per method (adapter sizes, top-k depths, LayerNorm only, full fine-tuning), other sources dashed.
+
+    Writes `path` and returns the figure (closed) so that its lines' data can be read back.
+    """
+    points = tradeoff_points(best)
+    if not points:
+        raise DataError("no adapters, top_k, layernorm or full runs with trainable_params to plot")
+    ncols = min(3, len(points))
+    nrows = math.ceil(len(points) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(6.0, 4.5 * ncols), 4.5 * nrows + 0.5), squeeze=False)
+    modes = list(TRADEOFF_METHODS)
+    for ax, (task, lines) in zip(axes.flat, points.items()):
+        for (source, mode), line in sorted(lines.items(), key=lambda item: _line_order(*item[0])):
+            xs, ys, _ = zip(*line)
+            ours = source == OUR_SOURCE
+            ax.plot(xs, ys, marker="o" if ours else "s", color=f"C{modes.index(mode)}", linestyle="-" if ours else "--",
+                    label=TRADEOFF_METHODS[mode] + ("" if ours else f" [{source}]"))
+            for x, y, label in line:
+                ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("trained parameters per task")
+        metric = tasks.TASKS[task].main_metric if task in tasks.TASKS else "score"
+        ax.set_ylabel(f"best dev {metric} (%)")
+        ax.set_title(task, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes.flat[len(points):]:
+        ax.set_visible(False)
+    caption = f"{TRADEOFF_CLAIM}\nEach point: the best dev run over learning rate, epochs and seeds at that size or k."
+    fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    save_figure(fig, path)
+    return fig
 
 
 def copy_submission(best: BestRuns, method: Method, out_dir: str | pathlib.Path) -> list[pathlib.Path]:
@@ -337,6 +428,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     report = args.out_dir / "report.md"
     report.write_text(render_table(best, runs), encoding="utf-8")
     print(f"wrote {report} and {plot(best, args.out_dir / 'params_vs_score.png', args.per_task_plot)}")
+    if has_tradeoff(tradeoff_points(best)):
+        plot_tradeoff(best, args.out_dir / TRADEOFF_FILE)
+        print(f"wrote {args.out_dir / TRADEOFF_FILE}")
     if args.submission_dir:
         method = (args.submission_source, args.submission_method)
         copied = copy_submission(best, method, args.submission_dir)

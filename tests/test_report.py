@@ -4,6 +4,7 @@ import json
 import math
 import pathlib
 
+import numpy as np
 import pytest
 
 from adapter_jax import paper
@@ -145,4 +146,59 @@ def test_main_writes_report_plot_and_submission(tmp_path, runs):
     report.main([f"--results={results}", f"--out_dir={out}", f"--submission_dir={tmp_path / 'submission'}"])
     assert "## Every run" in (out / "report.md").read_text(encoding="utf-8")
     assert (out / "params_vs_score.png").read_bytes().startswith(b"\x89PNG")
+    assert not (out / report.TRADEOFF_FILE).exists()  # no top_k or LayerNorm-only runs to trade off against
     assert (tmp_path / "submission" / "RTE.tsv").read_text(encoding="utf-8").startswith("index\tprediction")
+
+
+def _tradeoff_runs() -> list[dict]:
+    """Several runs per point (learning rate, epochs, seed vary); each point's best is marked."""
+    return [
+        _run("rte", "adapters", 0.60, adapter_size=2, trainable_params=20_000, learning_rate=3e-3),
+        _run("rte", "adapters", 0.65, adapter_size=2, trainable_params=20_000),  # best m=2
+        _run("rte", "adapters", 0.72, adapter_size=8, trainable_params=60_000, seed=1),  # best m=8
+        _run("rte", "adapters", 0.70, adapter_size=8, trainable_params=60_000),
+        _run("rte", "adapters", 0.74, adapter_size=64, trainable_params=400_000),
+        _run("rte", "top_k", 0.55, top_k=1, trainable_params=2_000_000, num_epochs=20),
+        _run("rte", "top_k", 0.58, top_k=1, trainable_params=2_000_000),  # best k=1
+        _run("rte", "top_k", 0.62, top_k=2, trainable_params=4_000_000),
+        _run("rte", "layernorm", 0.57, trainable_params=10_000),
+        _run("rte", "full", 0.73, trainable_params=22_000_000),
+        _run("rte", "adapters", 0.69, adapter_size=64, trainable_params=400_000, source="adapterhub"),
+        _run("cola", "adapters", 0.30, adapter_size=8, trainable_params=60_000),
+        _run("cola", "top_k", 0.20, top_k=3, trainable_params=6_000_000),
+    ]
+
+
+def test_tradeoff_plot_puts_each_methods_best_points_in_place(tmp_path):
+    figure = report.plot_tradeoff(report.best_runs(_tradeoff_runs()), tmp_path / "tradeoff.png")
+    assert (tmp_path / "tradeoff.png").read_bytes().startswith(b"\x89PNG")
+    panels = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["cola", "rte"]
+    lines = {
+        ax.get_title(): {line.get_label(): line.get_xydata().tolist() for line in ax.get_lines()} for ax in panels
+    }
+    expected = {
+        "rte": {
+            "adapters (size m)": [(20_000, 65.0), (60_000, 72.0), (400_000, 74.0)],
+            "fine-tuning the top k layers": [(2_000_000, 58.0), (4_000_000, 62.0)],
+            "LayerNorm only": [(10_000, 57.0)],
+            "full fine-tuning": [(22_000_000, 73.0)],
+            "adapters (size m) [adapterhub]": [(400_000, 69.0)],
+        },
+        "cola": {"adapters (size m)": [(60_000, 30.0)], "fine-tuning the top k layers": [(6_000_000, 20.0)]},
+    }
+    for task, expected_lines in expected.items():
+        assert lines[task].keys() == expected_lines.keys()
+        for label, points in expected_lines.items():
+            np.testing.assert_allclose(lines[task][label], points, err_msg=f"{task}: {label}")
+    rte = panels[1]
+    assert rte.get_xscale() == "log" and rte.get_ylabel() == "best dev accuracy (%)"
+    assert panels[0].get_ylabel() == "best dev matthews_corr (%)"
+    assert {text.get_text() for text in rte.texts} == {"m=2", "m=8", "m=64", "k=1", "k=2", ""}
+    assert report.TRADEOFF_CLAIM in " ".join(text.get_text() for text in figure.texts)
+
+
+def test_main_draws_the_tradeoff_when_there_are_baselines(tmp_path):
+    results = _write_jsonl(tmp_path / "results.jsonl", _tradeoff_runs())
+    report.main([f"--results={results}", f"--out_dir={tmp_path / 'out'}"])
+    assert (tmp_path / "out" / report.TRADEOFF_FILE).read_bytes().startswith(b"\x89PNG")
