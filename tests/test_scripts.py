@@ -10,7 +10,7 @@ import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = ("scripts.sweep", "scripts.report", "scripts.benchmark", "scripts.peer", "scripts.count_params",
-           "scripts.tpu.launch")
+           "scripts.tpu.launch", "scripts.ablate")
 
 
 @pytest.mark.parametrize("module", SCRIPTS)
