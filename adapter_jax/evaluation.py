@@ -66,13 +66,14 @@ class Evaluator:
 
 
 def load_export(
-    config: ml_collections.ConfigDict, path: epath.PathLike
+    config: ml_collections.ConfigDict, path: epath.PathLike, purpose: str = "predict"
 ) -> tuple[experiment_lib.Experiment, ml_collections.ConfigDict]:
     """The base model of `config` with the export at `path` on it, and the config with the export's own
-    settings (task, what trained, adapters, sequence length) in place, checked for prediction."""
+    settings (task, what trained, adapters, sequence length) in place, checked for `purpose` (a
+    validation.PURPOSES: "predict" needs the test files, "evaluate" dev alone)."""
     trained, settings = export.read(path)
     config = export.config_for_export(config, settings)
-    model_folder = validation.validate_config(config, training=False)
+    model_folder = validation.validate_config(config, purpose=purpose)
     return export.onto_base(config, trained, settings, path, model_folder), config
 
 

@@ -16,6 +16,8 @@ from adapter_jax.errors import AdapterJaxError, CheckpointError, ConfigError
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("tsv", "tfds")
 ON_NONFINITE = ("stop", "skip")
+# What a config is checked for: training, prediction (GLUE test files), or evaluation on dev alone (ablations).
+PURPOSES = ("train", "predict", "evaluate")
 # AX has test data only and is predicted with an MNLI model.
 TRAINABLE_TASKS = tuple(sorted(tasks.GLUE_TASKS))
 # Keys that may change when a run resumes; every other key defines the run and must match.
@@ -104,13 +106,16 @@ Problem = tuple[str, str]
 
 
 def validate_config(
-    config: ml_collections.ConfigDict, workdir: epath.PathLike | None = None, *, training: bool = True
+    config: ml_collections.ConfigDict, workdir: epath.PathLike | None = None, *, purpose: str = "train"
 ) -> weights.ModelFolder:
     """Raises ConfigError listing every problem, each with the key at fault and what is allowed.
 
-    `training` asks for the train and dev files; prediction (False) needs dev and test instead (and,
-    for MNLI, AX's test file). Returns the opened model folder, so that the run need not find it again.
+    `purpose` (one of PURPOSES) says which data files must exist: training needs train and dev, prediction
+    dev and test (and, for MNLI, AX's test file), evaluation dev alone. Returns the opened model folder, so that
+    the run need not find it again.
     """
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}, not {purpose!r}")
     problems = list(_key_problems(config))
     # Checks across keys run on the keys that are valid on their own, so that one bad key does not
     # hide the problems of the others.
@@ -121,7 +126,7 @@ def validate_config(
             model_folder = weights.open_model_folder(config.model)
         except AdapterJaxError as e:
             problems.append(("model", str(e)))
-    problems += _consistency_problems(config, bad_keys, training, model_folder)
+    problems += _consistency_problems(config, bad_keys, purpose, model_folder)
     if workdir is not None:
         problems += _workdir_problems(config, epath.Path(workdir))
     if problems:
@@ -140,7 +145,7 @@ def _key_problems(config: ml_collections.ConfigDict) -> Iterator[Problem]:
 
 
 def _consistency_problems(
-    config: ml_collections.ConfigDict, bad_keys: set[str], training: bool, model_folder: weights.ModelFolder | None
+    config: ml_collections.ConfigDict, bad_keys: set[str], purpose: str, model_folder: weights.ModelFolder | None
 ) -> list[Problem]:
     """Checks across keys and against the model, the devices and the data, of keys valid on their own."""
     problems = []
@@ -171,9 +176,8 @@ def _consistency_problems(
             problems.append(("adapter_layers", f"{bad_layers} beyond the model's {layers} layers (0..{layers - 1})"))
     if valid("data_source", "task", "glue_dir") and config.data_source == "tsv":
         task = tasks.get_task(config.task)
-        needed = [(task, split) for split in ("train", *task.dev_splits)]
-        if not training:
-            needed = [(task, split) for split in task.dev_splits]
+        needed = [(task, split) for split in (("train",) if purpose == "train" else ()) + task.dev_splits]
+        if purpose == "predict":
             needed += [(predicted, split) for predicted in tasks.prediction_tasks(task) for split in predicted.test_splits]
         for needed_task, split in needed:
             path = epath.Path(config.glue_dir) / needed_task.dir_name / needed_task.splits[split]

@@ -2,6 +2,7 @@ r"""The paper's adapter ablation (Houlsby et al. 2019, Figure 6): dev scores of 
 every contiguous span of layers removed, as JSON and a heatmap. From the repository root:
 
     python -m scripts.ablate --workdir=/tmp/adapter-jax/sst2 --out_dir=docs/results/ablation/sst2
+    python -m scripts.ablate --replot=docs/results/ablation/sst2/ablation.json   # the heatmap again, from the JSON
 
 loads <workdir>/export onto its base model and, with no retraining, scores the first dev split with the adapters of
 layers first..last set to the identity, for every 0 <= first <= last < number of layers, and with none removed.
@@ -157,11 +158,9 @@ class Ablator:
 def ablate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
     """Dev scores of the adapters exported in `workdir` with every span of layers removed; see the module doc."""
     export_path = epath.Path(workdir) / export.EXPORT_DIR
-    trained, settings = export.read(export_path)
-    if settings["mode"] != "adapters":
-        raise CheckpointError(f"{export_path} holds a {settings['mode']!r} run, which has no adapters to remove")
-    config = export.config_for_export(config, settings)
-    experiment = export.onto_base(config, trained, settings, export_path)
+    experiment, config = evaluation.load_export(config, export_path, purpose="evaluate")
+    if config.mode != "adapters":
+        raise CheckpointError(f"{export_path} holds a {config.mode!r} run, which has no adapters to remove")
     task = experiment.task
     split = task.dev_splits[0]
     tokenizer = input_pipeline.load_tokenizer(experiment.model_dir)
@@ -182,7 +181,7 @@ def ablate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[s
         "metric": task.main_metric,
         "num_examples": len(dataset),
         "num_layers": ablator.num_layers,
-        "adapter_layers": settings["adapter"]["layers"] or list(range(ablator.num_layers)),
+        "adapter_layers": list(config.adapter_layers) or list(range(ablator.num_layers)),
         "model": config.model,
         "export": str(export_path),
         "unablated": metrics.main_score(task, unablated),
@@ -251,13 +250,30 @@ def parse_config(args: Sequence[str]) -> ml_collections.ConfigDict:
     return values.config
 
 
+def replot(results_file: epath.Path, out_dir: epath.Path | None = None) -> dict[str, Any]:
+    """Redraws the heatmap of a written ablation.json into `out_dir` (default: its own folder)."""
+    try:
+        results = json.loads(results_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: cannot read {results_file}: {e}") from e
+    path = (out_dir or results_file.parent) / PLOT_FILE
+    plot(results, path)
+    print(f"wrote {path}")
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    parser.add_argument("--workdir", required=True, help="a finished adapters run (holding export/)")
-    parser.add_argument("--out_dir", help="where ablation.json and ablation.png go (default: the workdir)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a finished adapters run (holding export/)")
+    source.add_argument("--replot", help="an ablation.json: redraw its heatmap only (no model, no data)")
+    parser.add_argument("--out_dir", help="where ablation.json and ablation.png go (default: the workdir, or the "
+                        "folder of --replot)")
     args, config_args = parser.parse_known_args(argv)
+    if args.replot:
+        return replot(epath.Path(args.replot), epath.Path(args.out_dir) if args.out_dir else None)
     try:
         config = parse_config(config_args)
     except (flags.Error, AttributeError, TypeError, OSError) as e:  # how config_flags reports a bad override

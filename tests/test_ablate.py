@@ -4,6 +4,7 @@ import collections
 import csv
 import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from adapter_jax import (
 )
 from adapter_jax import experiment as experiment_lib
 from adapter_jax.adapters import SITES, AdapterConfig
-from adapter_jax.errors import CheckpointError
+from adapter_jax.errors import CheckpointError, ConfigError
 from scripts import ablate
 
 # Adapters drawn this wide change every layer's output clearly, so that removing one shows.
@@ -177,9 +178,12 @@ def test_main_ablates_a_trained_run(tiny_config, tmp_path, tiny_model_dir, tiny_
     workdir = tmp_path / "run"
     summary = train.train_and_evaluate(tiny_config, workdir)
     out_dir = tmp_path / "ablation"
+    dev_only = tmp_path / "glue-dev-only"  # an ablation reads dev alone: no train or test file is needed
+    (dev_only / "RTE").mkdir(parents=True)
+    shutil.copy(tiny_glue_dir / "RTE" / "dev.tsv", dev_only / "RTE" / "dev.tsv")
     results = ablate.main([
         f"--workdir={workdir}", f"--out_dir={out_dir}", f"--config.model={tiny_model_dir}",
-        f"--config.glue_dir={tiny_glue_dir}", "--config.buckets=(16, 32)", "--config.eval_batch_size=8",
+        f"--config.glue_dir={dev_only}", "--config.buckets=(16, 32)", "--config.eval_batch_size=8",
     ])
     assert json.loads((out_dir / ablate.RESULTS_FILE).read_text()) == results
     num_layers = 2
@@ -201,6 +205,19 @@ def test_main_ablates_a_trained_run(tiny_config, tmp_path, tiny_model_dir, tiny_
     caption = " ".join(text.get_text() for text in figure.texts)
     assert f"Unablated: {100 * results['unablated']:.1f}" in caption
     assert f"Majority class: {100 * results['majority']:.1f}" in caption
+
+    # The committed figures are redrawn from their JSON alone.
+    (out_dir / ablate.PLOT_FILE).unlink()
+    assert ablate.main([f"--replot={out_dir / ablate.RESULTS_FILE}"]) == results
+    assert (out_dir / ablate.PLOT_FILE).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_ablate_checks_the_config_and_names_a_missing_dev_file(tiny_config, tmp_path):
+    experiment = experiment_lib.build(tiny_config)
+    export.write(tmp_path / export.EXPORT_DIR, experiment.trainable_params, export.metadata(tiny_config, experiment))
+    tiny_config.glue_dir = str(tmp_path / "empty")
+    with pytest.raises(ConfigError, match=r"RTE[/\\]dev\.tsv not found \(task rte, split dev\)"):
+        ablate.ablate(tiny_config, tmp_path)
 
 
 def test_ablate_refuses_an_export_without_adapters(tiny_config, tmp_path):

@@ -278,7 +278,7 @@ def test_predicting_mnli_checks_the_ax_file_before_it_starts(tiny_config, tmp_pa
     tiny_config.task = "mnli"
     tiny_config.glue_dir = str(tmp_path)
     with pytest.raises(errors.ConfigError, match=r"diagnostic[/\\]diagnostic\.tsv not found \(task ax, split test\)"):
-        validation.validate_config(tiny_config, training=False)
+        validation.validate_config(tiny_config, purpose="predict")
     (tmp_path / "diagnostic").mkdir()
     (tmp_path / "diagnostic" / "diagnostic.tsv").write_text("index\tsentence1\tsentence2\n0\ta cat\ta dog\n")
-    validation.validate_config(tiny_config, training=False)
+    validation.validate_config(tiny_config, purpose="predict")
