@@ -37,6 +37,7 @@ from adapter_jax import (
     export,
     input_pipeline,
     metrics,
+    run_utils,
     steps,
     tasks,
     trainable,
@@ -255,8 +256,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    parser.add_argument("--workdir", required=True, help="a finished adapters run (holding export/)")
-    parser.add_argument("--out_dir", help="where ablation.json and ablation.png go (default: the workdir)")
+    parser.add_argument("--workdir", required=True, type=run_utils.absolute_path,
+                        help="a finished adapters run (holding export/)")
+    parser.add_argument("--out_dir", type=run_utils.absolute_path,
+                        help="where ablation.json and ablation.png go (default: the workdir)")
     args, config_args = parser.parse_known_args(argv)
     try:
         config = parse_config(config_args)
@@ -269,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if jax.process_index() == 0:
         out_dir = epath.Path(args.out_dir or args.workdir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        run_utils.write_atomic(out_dir / RESULTS_FILE, json.dumps(results, indent=2))
         plot(results, out_dir / PLOT_FILE)
         print(f"{results['task']}: unablated {results['unablated']:.4f}, majority class {results['majority']:.4f}, "
               f"{len(results['spans'])} spans; wrote {out_dir / RESULTS_FILE} and {out_dir / PLOT_FILE}")
