@@ -6,8 +6,11 @@ the base model, so checkpoints of an adapter run are a few MB. orbax reads tenso
 restoring never unpickles anything.
 """
 
+import contextlib
+import os
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import jax
@@ -34,39 +37,49 @@ def checkpoint_manager(workdir: epath.PathLike, *, max_to_keep: int = 2) -> ocp.
 def save_checkpoint(
     manager: ocp.CheckpointManager, step: int, state: Any, meta: Mapping[str, Any], *, force: bool = False
 ) -> None:
-    """Saves a host pytree `state` and JSON `meta` (iterator position, best result, config)."""
-    manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))),
-        force=force,
-    )
+    """Saves a host pytree `state` and JSON `meta` (iterator position, best result, config); a failed write,
+    of this step or of the one before it in the background, raises WriteFailed."""
+    with _save_errors(manager):
+        manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))),
+            force=force,
+        )
 
 
 def raise_save_errors(manager: ocp.CheckpointManager) -> None:
     """Raises WriteFailed, and removes the step's temporary folder, if a background save failed: training
     on would only lose more work, and the traceback of orbax's worker thread names no reason one can act on."""
-    try:
+    with _save_errors(manager):
         manager.check_for_errors()
-    except Exception as e:  # orbax passes on whatever the writer raised
-        _remove_temporary(manager)
-        raise WriteFailed(f"cannot write a checkpoint to {manager.directory}: {_reason(e)}") from e
 
 
 def close(manager: ocp.CheckpointManager) -> None:
     """Waits for a save still in the background and closes `manager`; a failed save raises WriteFailed."""
-    try:
+    with _save_errors(manager):
         manager.close()
+
+
+@contextlib.contextmanager
+def _save_errors(manager: ocp.CheckpointManager) -> Iterator[None]:
+    """Turns a failed save into WriteFailed naming the folder and the reason, and removes its temporary folder."""
+    try:
+        yield
     except Exception as e:  # orbax passes on whatever the writer raised
         _remove_temporary(manager)
         raise WriteFailed(f"cannot write a checkpoint to {manager.directory}: {_reason(e)}") from e
 
 
 def _reason(error: BaseException) -> str:
-    """The first OSError's reason (e.g. "No space left on device") among `error` and its causes, else `error`."""
+    """Why a write failed, as the OS says it (e.g. "No space left on device"): the first OSError among `error`
+    and its causes, or the OS error code in the message of tensorstore (which writes orbax's arrays)."""
     cause: BaseException | None = error
     while cause is not None:
         if isinstance(cause, OSError) and cause.strerror:
             return cause.strerror
+        code = re.search(r"os_error_code='(\d+)'", str(cause))
+        if code:
+            return os.strerror(int(code.group(1)))
         cause = cause.__cause__ or cause.__context__
     return f"{type(error).__name__}: {error}"
 

@@ -33,6 +33,7 @@ METRICS_FILE = "metrics.jsonl"
 METRICS_CHUNK_DIR = "metrics"
 CONFIG_FILE = "config.json"  # the config the workdir's history was started with
 LOCK_FILE = "lock.json"
+_ORBAX_DIR = f"{os.sep}orbax{os.sep}"
 # Log lines written by code under these folders are the project's own; they reach the console.
 _PROJECT_DIRS = tuple(
     str(pathlib.Path(__file__).resolve().parents[1] / name) + os.sep for name in ("adapter_jax", "scripts")
@@ -158,13 +159,18 @@ class WorkdirLock:
         self._held = True
 
     def _create(self) -> bool:
-        try:
-            with self._path.open("x") as f:
-                f.write(self._record)
-        except FileExistsError:
+        if not is_remote(self._path):
+            try:
+                with open(os.fspath(self._path), "x") as f:  # epath opens no file exclusively; the OS does
+                    f.write(self._record)
+            except FileExistsError:
+                return False
+            return True
+        # An object store creates nothing exclusively (not through epath): the last writer wins, and
+        # reading the lock back tells each contender whether it was that writer.
+        if self._path.exists():
             return False
-        # An object store may not honour exclusive creation; the last writer wins there, and reading the
-        # lock back tells each contender whether it was that writer.
+        self._path.write_text(self._record)
         return self._path.read_text() == self._record
 
     def _holder(self) -> dict:
@@ -250,10 +256,9 @@ class MetricWriter:
     def _truncate_file(self, step: int) -> None:
         if not self._jsonl.exists():
             return
-        with writing(self._jsonl), self._jsonl.open("r+b") as f:
-            text = f.read().decode("utf-8", errors="replace")
-            kept = len(text[: _kept_prefix(text, step)].encode("utf-8"))
-            f.truncate(kept)
+        text = self._jsonl.read_bytes().decode("utf-8", errors="replace")
+        with writing(self._jsonl):  # cut in place: the lines kept are never rewritten
+            os.truncate(os.fspath(self._jsonl), len(text[: _kept_prefix(text, step)].encode("utf-8")))
 
     def _truncate_chunks(self, step: int) -> int:
         """Drops the lines past `step` from the chunks; returns the number of the next chunk."""
@@ -353,7 +358,12 @@ class _ConsoleHandler(logging.StreamHandler):
 
 
 def _for_console(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or record.pathname.startswith(_PROJECT_DIRS)
+    if record.pathname.startswith(_PROJECT_DIRS):
+        return True
+    # orbax logs a failed background save with several tracebacks; the failure reaches the loop as an
+    # exception too, which main reports in one line. The log file keeps orbax's account.
+    orbax_error = record.levelno >= logging.ERROR and _ORBAX_DIR in record.pathname
+    return record.levelno >= logging.WARNING and not orbax_error
 
 
 def log_file_for(workdir: str) -> pathlib.Path:
