@@ -1,5 +1,5 @@
 """The project's exceptions: bad input raises an AdapterJaxError naming the file, line or key at fault;
-a run that stops early raises NonFiniteLoss or Preempted."""
+a run that stops early raises NonFiniteLoss, Preempted or WriteFailed."""
 
 import signal
 
@@ -22,6 +22,15 @@ class WeightsError(AdapterJaxError, ValueError):
 
 class CheckpointError(AdapterJaxError, ValueError):
     """A training checkpoint or adapter export cannot be used; the message says why."""
+
+
+class WorkdirInUse(AdapterJaxError):
+    """Another run holds the workdir's lock; the message names it (host, process id, start time)."""
+
+
+class WriteFailed(Exception):
+    """A file of the run could not be written (disk full, permission lost, bucket error); the message
+    names the path and the reason."""
 
 
 class NonFiniteLoss(Exception):

@@ -1,5 +1,7 @@
 """Scoring a model: logits over a dataset, GLUE metrics on dev, and `predict` (test submission files)."""
 
+import json
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,11 +16,13 @@ from adapter_jax import (
     export,
     input_pipeline,
     metrics,
+    run_utils,
     steps,
     submission,
     tasks,
     validation,
 )
+from adapter_jax.errors import CheckpointError
 
 
 def to_predictions(logits: np.ndarray, task: tasks.Task) -> np.ndarray:
@@ -80,12 +84,24 @@ def load_export(
 def predict(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
     """Loads base model + <workdir>/export, scores dev, and writes GLUE submission files for test.
 
-    The export's settings replace the config's before it is checked (load_export). For MNLI the
-    diagnostic set (AX) is predicted too, as GLUE asks.
+    The export's settings replace the config's before it is checked (load_export), but for its task,
+    which must be the config's. For MNLI the diagnostic set (AX) is predicted too, as GLUE asks. The
+    files are complete when <workdir>/submission/complete.json, written last, lists them.
     """
     workdir = epath.Path(workdir)
+    with run_utils.WorkdirLock(workdir):
+        return _predict(config, workdir)
+
+
+def _predict(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, Any]:
+    asked_task = config.task
     experiment, config = load_export(config, workdir / export.EXPORT_DIR)
     task = experiment.task
+    if task.name != tasks.get_task(asked_task).name:
+        raise CheckpointError(
+            f"the adapter export in {workdir / export.EXPORT_DIR} was trained for {task.name}, but the config "
+            f"names {asked_task}; pass --config=configs/glue.py:{config.task} to predict {task.name}"
+        )
     tokenizer = input_pipeline.load_tokenizer(experiment.model_dir)
     evaluator = Evaluator(experiment, config)
     params = steps.replicate(experiment.trainable_params)
@@ -99,4 +115,7 @@ def predict(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[
             predictions = to_predictions(evaluator.logits(params, frozen, dataset), task)
             path = submission.write_submission(predicted_task, split, dataset.idx, predictions, workdir / submission.SUBMISSION_DIR)
             files.append(str(path))
+    if jax.process_index() == 0:
+        run_utils.write_atomic(workdir / submission.SUBMISSION_DIR / submission.COMPLETE_FILE,
+                               json.dumps({"files": [pathlib.PurePath(f).name for f in files]}))
     return {"dev_metrics": dev_results, "submission_files": files}

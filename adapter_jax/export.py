@@ -7,8 +7,6 @@ they belong to. safetensors holds tensors only, so loading an export never unpic
 
 import dataclasses
 import json
-import os
-import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,13 +19,16 @@ from etils import epath
 from flax import traverse_util
 
 from adapter_jax import experiment as experiment_lib
-from adapter_jax import weights
+from adapter_jax import run_utils, weights
 from adapter_jax.errors import CheckpointError
 
 EXPORT_DIR = "export"  # under the workdir
 EXPORT_FILE = "adapters.safetensors"
 _METADATA_KEY = "adapter_jax"
 _SEPARATOR = "/"
+# The settings an export must carry to be rebuilt (config_for_export, onto_base).
+_REQUIRED_SETTINGS = ("task", "model", "base_fingerprint", "adapter", "mode", "top_k", "train_pooler", "max_seq_length")
+_REQUIRED_ADAPTER_SETTINGS = ("size", "init_std", "sites", "layers")
 
 
 def metadata(config: ml_collections.ConfigDict, experiment: experiment_lib.Experiment) -> dict[str, Any]:
@@ -50,17 +51,14 @@ def metadata(config: ml_collections.ConfigDict, experiment: experiment_lib.Exper
 def write(directory: epath.PathLike, params: Mapping[str, Any], metadata: Mapping[str, Any]) -> epath.Path:
     """Writes the trained parameters and their settings to `<directory>/adapters.safetensors`, atomically."""
     directory = epath.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    with run_utils.writing(directory):
+        directory.mkdir(parents=True, exist_ok=True)
     tensors = {
         _SEPARATOR.join(path): np.asarray(jax.device_get(leaf))
         for path, leaf in traverse_util.flatten_dict(params).items()
     }
     data = safetensors.numpy.save(tensors, metadata={_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-    target = directory / EXPORT_FILE
-    temporary = directory / f".{EXPORT_FILE}.tmp-{socket.gethostname()}-{os.getpid()}"
-    temporary.write_bytes(data)
-    temporary.replace(target)
-    return target
+    return run_utils.write_atomic(directory / EXPORT_FILE, data)
 
 
 def read(path: epath.PathLike) -> tuple[dict, dict]:
@@ -77,6 +75,17 @@ def read(path: epath.PathLike) -> tuple[dict, dict]:
         settings = json.loads(json.loads(data[8 : 8 + header_length])["__metadata__"][_METADATA_KEY])
     except (KeyError, ValueError, safetensors.SafetensorError) as e:
         raise CheckpointError(f"adapter export {path} is corrupt or not an adapter-jax export: {e}") from e
+    if not isinstance(settings, dict):
+        settings = {}
+    missing = [key for key in _REQUIRED_SETTINGS if key not in settings]
+    if "adapter" in settings:
+        adapter = settings["adapter"] if isinstance(settings["adapter"], dict) else {}
+        missing += [f"adapter.{key}" for key in _REQUIRED_ADAPTER_SETTINGS if key not in adapter]
+    if missing:
+        raise CheckpointError(
+            f"adapter export {path} lacks the settings {missing} in its {_METADATA_KEY!r} metadata; "
+            f"it was written by another version of adapter-jax or edited"
+        )
     params = traverse_util.unflatten_dict({tuple(k.split(_SEPARATOR)): v for k, v in tensors.items()})
     return params, settings
 

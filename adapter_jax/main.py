@@ -12,10 +12,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from adapter_jax import evaluation, run_utils, train
-from adapter_jax.errors import AdapterJaxError, NonFiniteLoss, Preempted
+from adapter_jax.errors import AdapterJaxError, NonFiniteLoss, Preempted, WriteFailed
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs, the adapter export and predictions.")
+run_utils.define_path_flag("workdir", None, "Folder for checkpoints, logs, the adapter export and predictions.")
 flags.DEFINE_enum("mode", "train", ["train", "predict"], "Train (resuming from the workdir), or predict test.")
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/glue.py:rte.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
@@ -54,6 +54,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         FLAGS.config.keys()  # config_flags reports a config file it cannot load at first use only
     except OSError as e:
         _usage_error(f"--config: {e}")
+    run_utils.make_config_paths_absolute(FLAGS.config)
     return args
 
 
@@ -69,7 +70,7 @@ def main(argv: list[str]) -> None:
     except Preempted as e:
         print(e, file=sys.stderr)
         sys.exit(128 + e.signum)
-    except (AdapterJaxError, NonFiniteLoss) as e:
+    except (AdapterJaxError, NonFiniteLoss, WriteFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, AdapterJaxError) else 1)
     print(json.dumps(result, indent=2, default=str))

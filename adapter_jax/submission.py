@@ -12,10 +12,16 @@ import tempfile
 import numpy as np
 
 from adapter_jax import errors
-from adapter_jax.tasks import Task
+from adapter_jax.tasks import Task, prediction_tasks
 
 HEADER = ("index", "prediction")
 SUBMISSION_DIR = "submission"  # under a run's workdir
+COMPLETE_FILE = "complete.json"  # in SUBMISSION_DIR, written after every file: the predictions are complete
+
+
+def expected_files(task: Task) -> list[str]:
+    """The leaderboard files a model trained on `task` predicts (for MNLI, AX's too)."""
+    return [t.submission_files[split] for t in prediction_tasks(task) for split in t.test_splits]
 
 
 def write_submission(

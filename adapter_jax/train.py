@@ -32,7 +32,7 @@ from adapter_jax import (
     validation,
 )
 from adapter_jax import experiment as experiment_lib
-from adapter_jax.errors import CheckpointError, NonFiniteLoss, Preempted
+from adapter_jax.errors import CheckpointError, NonFiniteLoss, Preempted, WriteFailed
 
 SUMMARY_FILE = "summary.json"
 
@@ -131,7 +131,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     """
     start_time = time.time()
     workdir = epath.Path(workdir)
-    experiment = experiment_lib.build(config, validation.validate_config(config, workdir))
+    model_folder = validation.validate_config(config, workdir)
+    with run_utils.WorkdirLock(workdir):
+        return _train_and_evaluate(config, workdir, model_folder, start_time)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: epath.Path, model_folder, start_time: float
+) -> dict[str, Any]:
+    experiment = experiment_lib.build(config, model_folder)
     task = experiment.task
     tokenizer = input_pipeline.load_tokenizer(experiment.model_dir)
     train_data = experiment_lib.load_dataset(config, task, "train", tokenizer)
@@ -166,12 +174,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     evaluator = evaluation.Evaluator(experiment, config)
     p_state, p_frozen = steps.replicate(state), steps.replicate(experiment.frozen_params)
     step = int(state.step)
-    writer = run_utils.MetricWriter(workdir)
+    if jax.process_index() == 0 and not (workdir / run_utils.CONFIG_FILE).exists():
+        # What validation compares a rerun with when the history has no checkpoint beside it.
+        run_utils.write_atomic(workdir / run_utils.CONFIG_FILE, json.dumps(config.to_dict(), indent=2))
+    writer = run_utils.MetricWriter(workdir, step)
     step_metrics = _StepMetrics(progress, config.on_nonfinite, manager.directory)
 
     def save(force: bool = False) -> None:
         step_metrics.read()  # a non-finite step stops the run before anything after it is saved
         progress.wall_time_s = earlier_wall_time + time.time() - start_time
+        writer.flush()  # the history up to the step saved, before the step is
         _save(manager, steps.unreplicate(p_state), progress, train_iter.state(), config, force)
 
     def evaluate_and_export() -> dict:
@@ -188,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     window_start, window_steps = time.time(), 0
     # However the loop ends (done, a signal, a non-finite loss, an error), closing the manager completes
     # a checkpoint still being written in the background, which would otherwise stay a temporary folder.
-    with run_utils.StopSignals() as signals, contextlib.closing(manager), contextlib.closing(writer), tqdm(
+    with run_utils.StopSignals() as signals, _closing_checkpoints(manager), contextlib.closing(writer), tqdm(
         total=total_steps, initial=step, disable=jax.process_index() != 0, desc=task.name
     ) as progress_bar:
         while step < total_steps:
@@ -208,6 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                                          ex_per_s=f"{scalars['train/examples_per_second']:.1f}")
                 window_start, window_steps = time.time(), 0
             progress_bar.update(1)
+            checkpoint.raise_save_errors(manager)
             if step % train_iter.steps_per_epoch == 0 or step == total_steps:
                 last_results = evaluate_and_export()
                 save()
@@ -241,9 +254,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         "wall_time_s": earlier_wall_time + time.time() - start_time,
         **experiment.parameter_summary(),
     }
-    if jax.process_index() == 0:
-        (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    if jax.process_index() == 0:  # last: a summary says that everything above is written
+        run_utils.write_atomic(workdir / SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary
+
+
+@contextlib.contextmanager
+def _closing_checkpoints(manager):
+    """Closes `manager` however the loop ends; a failed background save is reported (as WriteFailed) only
+    where the loop did not already stop on an error of its own."""
+    try:
+        yield
+    except Preempted:
+        checkpoint.close(manager)  # Preempted says the checkpoint is written; a failed write must say otherwise
+        raise
+    except BaseException:
+        with contextlib.suppress(WriteFailed):  # the loop's own error is the one to report
+            checkpoint.close(manager)
+        raise
+    checkpoint.close(manager)
 
 
 def _flat_dev_metrics(task, results: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -10,8 +10,8 @@ import jax
 import ml_collections
 from etils import epath
 
-from adapter_jax import adapters, checkpoint, tasks, trainable, weights
-from adapter_jax.errors import AdapterJaxError, CheckpointError, ConfigError
+from adapter_jax import adapters, checkpoint, run_utils, tasks, trainable, weights
+from adapter_jax.errors import AdapterJaxError, CheckpointError, ConfigError, DataError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("tsv", "tfds")
@@ -195,13 +195,14 @@ def _workdir_problems(config: ml_collections.ConfigDict, workdir: epath.Path) ->
     except OSError as e:
         return [("workdir", f"{workdir} cannot be written ({e.strerror or e})")]
     try:
-        saved = saved_config(workdir)
-    except CheckpointError as e:
-        return [("workdir", f"{e}; use a new workdir, or delete that checkpoint to resume from the one before")]
-    if saved is None:
+        found = saved_config(workdir)
+    except (CheckpointError, DataError) as e:
+        return [("workdir", f"{e}; use a new workdir, or delete that file to resume from the checkpoint before")]
+    if found is None:
         return []
+    holder, saved = found
     differences = [
-        f"{key}: checkpoint has {saved.get(key)!r}, config has {_plain(config.get(key))!r}"
+        f"{key}: {holder} has {saved.get(key)!r}, config has {_plain(config.get(key))!r}"
         for key in sorted(set(saved) | set(config.keys()))
         if key not in RESUMABLE_KEYS and saved.get(key) != _plain(config.get(key))
     ]
@@ -214,12 +215,16 @@ def _workdir_problems(config: ml_collections.ConfigDict, workdir: epath.Path) ->
     return [("workdir", message)]
 
 
-def saved_config(workdir: epath.Path) -> dict | None:
-    """The config stored with the latest checkpoint in `workdir`, or None."""
-    if not (workdir / checkpoint.CHECKPOINT_DIR).exists():
-        return None
-    meta = checkpoint.latest_meta(checkpoint.checkpoint_manager(workdir))
-    return None if meta is None else meta["config"]
+def saved_config(workdir: epath.Path) -> tuple[str, dict] | None:
+    """("checkpoint", its config) of the newest checkpoint in `workdir`, else ("history", the config its
+    metrics history began with), or None for a new workdir."""
+    if (workdir / checkpoint.CHECKPOINT_DIR).exists():
+        meta = checkpoint.latest_meta(checkpoint.checkpoint_manager(workdir))
+        if meta is not None:
+            return "checkpoint", meta["config"]
+    if (workdir / run_utils.CONFIG_FILE).exists():
+        return "history", run_utils.read_json(workdir / run_utils.CONFIG_FILE)
+    return None
 
 
 def _plain(value: Any) -> Any:

@@ -38,6 +38,7 @@ from adapter_jax import (
     export,
     input_pipeline,
     metrics,
+    run_utils,
     steps,
     tasks,
     trainable,
@@ -267,10 +268,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--workdir", help="a finished adapters run (holding export/)")
-    source.add_argument("--replot", help="an ablation.json: redraw its heatmap only (no model, no data)")
-    parser.add_argument("--out_dir", help="where ablation.json and ablation.png go (default: the workdir, or the "
-                        "folder of --replot)")
+    source.add_argument("--workdir", type=run_utils.absolute_path, help="a finished adapters run (holding export/)")
+    source.add_argument("--replot", type=run_utils.absolute_path,
+                        help="an ablation.json: redraw its heatmap only (no model, no data)")
+    parser.add_argument("--out_dir", type=run_utils.absolute_path,
+                        help="where ablation.json and ablation.png go (default: the workdir, or the folder of --replot)")
     args, config_args = parser.parse_known_args(argv)
     if args.replot:
         return replot(epath.Path(args.replot), epath.Path(args.out_dir) if args.out_dir else None)
@@ -285,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if jax.process_index() == 0:
         out_dir = epath.Path(args.out_dir or args.workdir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        run_utils.write_atomic(out_dir / RESULTS_FILE, json.dumps(results, indent=2))
         plot(results, out_dir / PLOT_FILE)
         print(f"{results['task']}: unablated {results['unablated']:.4f}, majority class {results['majority']:.4f}, "
               f"{len(results['spans'])} spans; wrote {out_dir / RESULTS_FILE} and {out_dir / PLOT_FILE}")

@@ -20,6 +20,7 @@ import time
 
 from absl import app, flags
 
+from adapter_jax import run_utils
 from scripts import peer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -30,8 +31,8 @@ flags.DEFINE_integer("steps", 8, "Timed steps after compilation and one warm-up 
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 flags.DEFINE_integer("seq_length", 128, "Tokens per example (every batch padded to this).")
 flags.DEFINE_integer("adapter_size", 64, "Adapter bottleneck size.")
-flags.DEFINE_string("glue_dir", os.environ.get("GLUE_DIR", str(REPO_ROOT.parent / "shared" / "data" / "glue")),
-                    "GLUE folder (RTE batches are timed).")
+run_utils.define_path_flag("glue_dir", os.environ.get("GLUE_DIR", str(REPO_ROOT.parent / "shared" / "data" / "glue")),
+                           "GLUE folder (RTE batches are timed).")
 flags.DEFINE_string("peer_python", peer.DEFAULT_PEER_PYTHON,
                     "Python of the peer's virtual environment (made by its setup.sh); skipped if missing.")
 

@@ -31,7 +31,7 @@ matplotlib.use("Agg")  # No display on TPU VMs or CI.
 import matplotlib.figure
 import matplotlib.pyplot as plt
 
-from adapter_jax import metrics, paper, tasks
+from adapter_jax import metrics, paper, run_utils, submission, tasks
 from adapter_jax.errors import DataError
 
 Run = dict[str, Any]
@@ -400,9 +400,13 @@ def copy_submission(best: BestRuns, method: Method, out_dir: str | pathlib.Path)
         predictions = run.get("test_predictions_dir")
         if predictions is None:
             continue
-        files = sorted(epath.Path(predictions).glob("*.tsv"))  # epath: the sweep's workdir may be gs://
-        if not files:
-            raise DataError(f"{task}: no *.tsv predictions in {predictions}")
+        if task not in tasks.TASKS:
+            raise DataError(f"{run.get('workdir', task)}: unknown task {task!r}; cannot tell which predictions it needs")
+        # Every file the task's test sets need: a sweep stopped between two files (MNLI-m, MNLI-mm) left one.
+        files = [epath.Path(predictions) / name for name in submission.expected_files(tasks.TASKS[task])]
+        missing = [f.name for f in files if not f.exists()]  # epath: the sweep's workdir may be gs://
+        if missing:
+            raise DataError(f"{task}: {predictions} lacks {missing}; rerun the sweep to write them")
         for f in files:
             (out_dir / f.name).write_bytes(f.read_bytes())
             copied.append(out_dir / f.name)
@@ -411,15 +415,23 @@ def copy_submission(best: BestRuns, method: Method, out_dir: str | pathlib.Path)
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", required=True, type=lambda s: s.split(","),
+    parser.add_argument("--results", required=True, type=lambda s: [run_utils.absolute_path(p) for p in s.split(",")],
                         help="comma-separated results.jsonl files (one per sweep)")
-    parser.add_argument("--out_dir", required=True, type=pathlib.Path)
+    parser.add_argument("--out_dir", required=True, type=lambda s: pathlib.Path(run_utils.absolute_path(s)))
     parser.add_argument("--per_task_plot", action="store_true", help="one plot panel per task instead of the mean")
-    parser.add_argument("--submission_dir", type=pathlib.Path, help="gather test predictions here")
+    parser.add_argument("--submission_dir", type=lambda s: pathlib.Path(run_utils.absolute_path(s)),
+                        help="gather test predictions here")
     parser.add_argument("--submission_method", default=BEST_SIZE, help="method whose best runs are submitted")
     parser.add_argument("--submission_source", default=OUR_SOURCE)
     args = parser.parse_args(argv)
 
+    try:
+        _report(parser, args)
+    except DataError as e:  # a results or predictions file at fault: its name, not a traceback
+        parser.exit(2, f"error: {e}\n")
+
+
+def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     runs = load_results(args.results)
     if not runs:
         parser.error(f"no runs in {args.results}")
@@ -437,7 +449,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         missing = [task for task, run in sorted(best[method].items()) if not run.get("test_predictions_dir")]
         print(f"copied {len(copied)} prediction files to {args.submission_dir}; "
               f"no predictions for: {missing or 'none'}")
-
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,9 @@ Run from the repository root:
 
 import itertools
 import json
+import shlex
+import signal
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -24,11 +27,11 @@ from etils import epath
 from ml_collections import config_flags
 
 from adapter_jax import evaluation, paper, run_utils, submission, train
-from adapter_jax.errors import NonFiniteLoss
+from adapter_jax.errors import AdapterJaxError, NonFiniteLoss, Preempted, WriteFailed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/glue.py:rte; --config.KEY overrides.")
-flags.DEFINE_string("workdir", None, "Root folder: one sub-folder per run, results.jsonl, best.json.")
+run_utils.define_path_flag("workdir", None, "Root folder: one sub-folder per run, results.jsonl, best.json.")
 flags.DEFINE_list("modes", ["adapters"], "Modes to run: adapters, full, top_k, layernorm.")
 flags.DEFINE_list("learning_rates", [str(lr) for lr in paper.LEARNING_RATES], "Learning rates.")
 flags.DEFINE_list("epochs", [str(e) for e in paper.EPOCHS], "Epoch counts.")
@@ -89,10 +92,20 @@ def sweep(
     With `predict_test`, each finished run also writes its GLUE test predictions (<run>/submission/),
     which scripts.report gathers into a submission folder for the best runs.
     """
+    workdir = epath.Path(workdir)
+    with run_utils.WorkdirLock(workdir):
+        return _sweep(base_config, workdir, runs, train_fn, predict_test)
+
+
+def _sweep(
+    base_config,
+    workdir: epath.Path,
+    runs: Sequence[dict[str, Any]],
+    train_fn: Callable[[Any, epath.Path], dict[str, Any]],
+    predict_test: bool,
+) -> list[dict[str, Any]]:
     import jax
 
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     is_primary = jax.process_index() == 0  # every host of a pod runs the sweep; one writes its files
     results, failures = [], []
     for overrides in runs:
@@ -100,9 +113,9 @@ def sweep(
         summary_file, failure_file = run_dir / train.SUMMARY_FILE, run_dir / "failure.json"
         if summary_file.exists():
             logging.info("Skipping finished run %s.", run_dir)
-            summary = json.loads(summary_file.read_text())
+            summary = run_utils.read_json(summary_file)
         elif failure_file.exists():  # a diverged run diverges again: same seed, same data
-            failures.append(json.loads(failure_file.read_text()))
+            failures.append(run_utils.read_json(failure_file))
             continue
         else:
             try:
@@ -110,14 +123,15 @@ def sweep(
             except NonFiniteLoss as e:
                 failure = {"workdir": str(run_dir), **overrides, "error": str(e)}
                 if is_primary:
-                    failure_file.write_text(json.dumps(failure))
+                    run_utils.write_atomic(failure_file, json.dumps(failure))
                 failures.append(failure)
                 logging.warning("Run %s diverged: %s", run_dir, e)
                 continue
         result = {**summary, "workdir": str(run_dir), "source": "adapter-jax"}
         if predict_test:
             submission_dir = run_dir / submission.SUBMISSION_DIR
-            if not submission_dir.exists():
+            # Written last by predict: without it, a file may be missing (a sweep stopped between two).
+            if not (submission_dir / submission.COMPLETE_FILE).exists():
                 evaluation.predict(config_for(base_config, overrides), run_dir)
             result["test_predictions_dir"] = str(submission_dir)
         results.append(result)
@@ -136,8 +150,9 @@ def config_for(base_config, overrides: dict[str, Any]):
 
 
 def _write_jsonl(path: epath.Path, records: Sequence[dict[str, Any]]) -> None:
-    """Rewritten whole (object stores cannot append), from the runs' own summaries, so it never duplicates."""
-    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    """Rewritten whole from the runs' own summaries, so it never duplicates; atomically, so a kill cannot
+    empty it."""
+    run_utils.write_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def main(argv: list[str]) -> None:
@@ -157,11 +172,23 @@ def main(argv: list[str]) -> None:
         )
     )
     logging.info("Sweep of %d runs into %s", len(runs), FLAGS.workdir)
-    results = sweep(FLAGS.config, FLAGS.workdir, runs, predict_test=FLAGS.predict_test)
+    run_utils.make_config_paths_absolute(FLAGS.config)
+    try:
+        results = sweep(FLAGS.config, FLAGS.workdir, runs, predict_test=FLAGS.predict_test)
+    except (Preempted, KeyboardInterrupt) as e:
+        # A signal during training stops the trainer (Preempted, its checkpoint written); between runs
+        # Ctrl-C is Python's KeyboardInterrupt. Either way a rerun skips what is finished.
+        signum = e.signum if isinstance(e, Preempted) else signal.SIGINT
+        print(f"sweep stopped by {signal.Signals(signum).name}; rerun to continue where it stopped:\n"
+              f"  {shlex.join([sys.executable, '-m', 'scripts.sweep', *sys.argv[1:]])}", file=sys.stderr)
+        sys.exit(128 + signum)
+    except (AdapterJaxError, WriteFailed) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, AdapterJaxError) else 1)
     if jax.process_index() != 0:
         return
     best = {mode: best_run([r for r in results if r["mode"] == mode]) for mode in FLAGS.modes}
-    (epath.Path(FLAGS.workdir) / "best.json").write_text(json.dumps(best, indent=2))
+    run_utils.write_atomic(epath.Path(FLAGS.workdir) / "best.json", json.dumps(best, indent=2))
     for mode, run in best.items():
         if run:
             print(f"best {mode}: {run['main_metric']} {run['score']:.4f} ({run['workdir']})")
