@@ -152,6 +152,16 @@ class AdapterBank:
     def names(self) -> tuple[str, ...]:
         return tuple(self._tasks)
 
+    @property
+    def shared_params(self) -> dict:
+        """The frozen base weights, once."""
+        return self._shared
+
+    @property
+    def slot_params(self) -> dict:
+        """Every task-owned parameter, stacked along a leading axis of `capacity` slots."""
+        return self._slots
+
     def slot(self, name: str) -> Slot:
         if name not in self._tasks:
             raise ConfigError(f"unknown task {name!r}; loaded: {', '.join(self._tasks) or 'none'}")

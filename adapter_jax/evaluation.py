@@ -1,6 +1,6 @@
 """Scoring a model: logits over a dataset, GLUE metrics on dev, and `predict` (test submission files)."""
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -9,6 +9,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from adapter_jax import bank as bank_lib
 from adapter_jax import experiment as experiment_lib
 from adapter_jax import (
     export,
@@ -99,3 +100,45 @@ def predict(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[
             path = submission.write_submission(predicted_task, split, dataset.idx, predictions, workdir / submission.SUBMISSION_DIR)
             files.append(str(path))
     return {"dev_metrics": dev_results, "submission_files": files}
+
+
+def predict_together(config: ml_collections.ConfigDict, workdirs: Sequence[epath.PathLike]) -> dict[str, Any]:
+    """`predict` for several runs in one pass: every run's export in one AdapterBank, all their dev and test
+    sets scored in the same mixed batches; each workdir gets its own dev metrics and submission files.
+
+    Each export's settings replace the config's for its own task, as in `predict`. The bank runs on one
+    device in float32, whatever config.dtype says.
+    """
+    workdirs = {str(workdir): epath.Path(workdir) for workdir in workdirs}
+    task_configs = {}
+    for name, workdir in workdirs.items():
+        _, settings = export.read(workdir / export.EXPORT_DIR)
+        task_configs[name] = export.config_for_export(config, settings)
+        validation.validate_config(task_configs[name], training=False)
+    bank = bank_lib.AdapterBank(
+        config.model,
+        capacity=len(workdirs),
+        max_adapter_size=max(c.adapter_size if c.mode == "adapters" else 0 for c in task_configs.values()),
+        max_seq_length=max(c.max_seq_length for c in task_configs.values()),
+        batch_sizes=(config.eval_batch_size,),
+        buckets=tuple(config.buckets),
+    )
+    parts, splits = [], []  # (run, dataset) for the bank, and (predicted task, split) beside each
+    for name, workdir in workdirs.items():
+        task = bank.load(name, workdir / export.EXPORT_DIR).task
+        predicted = [(task, split) for split in task.dev_splits]
+        predicted += [(test_task, split) for test_task in tasks.prediction_tasks(task) for split in test_task.test_splits]
+        for predicted_task, split in predicted:
+            parts.append((name, experiment_lib.load_dataset(task_configs[name], predicted_task, split, bank.tokenizer)))
+            splits.append((predicted_task, split))
+    results = {name: {"dev_metrics": {}, "submission_files": []} for name in workdirs}
+    for (name, dataset), (predicted_task, split), logits in zip(parts, splits, bank.logits(parts), strict=True):
+        task = bank.slot(name).task
+        predictions = to_predictions(logits, task)
+        if split in task.dev_splits:
+            results[name]["dev_metrics"][split] = metrics.compute_metrics(task, predictions, dataset.labels)
+        else:
+            out_dir = workdirs[name] / submission.SUBMISSION_DIR
+            path = submission.write_submission(predicted_task, split, dataset.idx, predictions, out_dir)
+            results[name]["submission_files"].append(str(path))
+    return results
