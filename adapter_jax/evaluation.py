@@ -1,8 +1,9 @@
 """Scoring a model: logits over a dataset, GLUE metrics on dev, and `predict` (test submission files)."""
 
+import contextlib
 import json
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -11,6 +12,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from adapter_jax import bank as bank_lib
 from adapter_jax import experiment as experiment_lib
 from adapter_jax import (
     export,
@@ -115,7 +117,63 @@ def _predict(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str
             predictions = to_predictions(evaluator.logits(params, frozen, dataset), task)
             path = submission.write_submission(predicted_task, split, dataset.idx, predictions, workdir / submission.SUBMISSION_DIR)
             files.append(str(path))
+    _mark_complete(workdir, files)
+    return {"dev_metrics": dev_results, "submission_files": files}
+
+
+def _mark_complete(workdir: epath.Path, files: Sequence[str]) -> None:
+    """Records, last, that the submission files of `workdir` are all written (a sweep's rerun redoes them otherwise)."""
     if jax.process_index() == 0:
         run_utils.write_atomic(workdir / submission.SUBMISSION_DIR / submission.COMPLETE_FILE,
                                json.dumps({"files": [pathlib.PurePath(f).name for f in files]}))
-    return {"dev_metrics": dev_results, "submission_files": files}
+
+
+def predict_together(config: ml_collections.ConfigDict, workdirs: Sequence[epath.PathLike]) -> dict[str, Any]:
+    """`predict` for several runs in one pass: every run's export in one AdapterBank, all their dev and test
+    sets scored in the same mixed batches; each workdir gets its own dev metrics and submission files.
+
+    Each export's settings replace the config's for its own task, as in `predict`. The bank runs on one
+    device in float32, whatever config.dtype says.
+    """
+    workdirs = {str(workdir): epath.Path(workdir) for workdir in workdirs}
+    with contextlib.ExitStack() as locks:
+        for workdir in workdirs.values():
+            locks.enter_context(run_utils.WorkdirLock(workdir))
+        return _predict_together(config, workdirs)
+
+
+def _predict_together(config: ml_collections.ConfigDict, workdirs: Mapping[str, epath.Path]) -> dict[str, Any]:
+    task_configs = {}
+    for name, workdir in workdirs.items():
+        _, settings = export.read(workdir / export.EXPORT_DIR)
+        task_configs[name] = export.config_for_export(config, settings)
+        validation.validate_config(task_configs[name], purpose="predict")
+    bank = bank_lib.AdapterBank(
+        config.model,
+        capacity=len(workdirs),
+        max_adapter_size=max(c.adapter_size if c.mode == "adapters" else 0 for c in task_configs.values()),
+        max_seq_length=max(c.max_seq_length for c in task_configs.values()),
+        batch_sizes=(config.eval_batch_size,),
+        buckets=tuple(config.buckets),
+    )
+    parts, splits = [], []  # (run, dataset) for the bank, and (predicted task, split) beside each
+    for name, workdir in workdirs.items():
+        task = bank.load(name, workdir / export.EXPORT_DIR).task
+        predicted = [(task, split) for split in task.dev_splits]
+        predicted += [(test_task, split) for test_task in tasks.prediction_tasks(task) for split in test_task.test_splits]
+        for predicted_task, split in predicted:
+            parts.append((name, experiment_lib.load_dataset(task_configs[name], predicted_task, split, bank.tokenizer)))
+            splits.append((predicted_task, split))
+    results = {name: {"dev_metrics": {}, "submission_files": []} for name in workdirs}
+    for (name, dataset), (predicted_task, split), logits in zip(parts, splits, bank.logits(parts), strict=True):
+        task = bank.slot(name).task
+        predictions = to_predictions(logits, task)
+        if split in task.dev_splits:
+            results[name]["dev_metrics"][split] = metrics.compute_metrics(task, predictions, dataset.labels)
+        else:
+            out_dir = workdirs[name] / submission.SUBMISSION_DIR
+            path = submission.write_submission(predicted_task, split, dataset.idx, predictions, out_dir)
+            results[name]["submission_files"].append(str(path))
+    for name, workdir in workdirs.items():
+        _mark_complete(workdir, results[name]["submission_files"])
+    return results

@@ -45,6 +45,27 @@ def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig:
     )
 
 
+def model_for(config: ml_collections.ConfigDict, bert_config: BertConfig, task: tasks.Task) -> BertForSequenceClassification:
+    """BERT with the config's adapters and a head for `task`."""
+    return BertForSequenceClassification(
+        config=bert_config,
+        adapter=adapter_config(config),
+        num_labels=task.num_labels,
+        dtype=jnp.dtype(config.dtype),
+    )
+
+
+def trainable_mask(config: ml_collections.ConfigDict, bert_config: BertConfig, params: Any) -> dict:
+    """True for each parameter (or jax.ShapeDtypeStruct) of `params` that trains under the config's mode."""
+    return trainable.trainable_mask(
+        params,
+        mode=config.mode,
+        num_layers=bert_config.num_hidden_layers,
+        top_k=config.top_k,
+        train_pooler=config.train_pooler,
+    )
+
+
 def build(config: ml_collections.ConfigDict, model_folder: weights.ModelFolder | None = None) -> Experiment:
     """Loads the base model (from `model_folder` if already opened), adds adapters and a head, and
     splits the parameters into trainable and frozen."""
@@ -55,20 +76,9 @@ def build(config: ml_collections.ConfigDict, model_folder: weights.ModelFolder |
         bert_config = dataclasses.replace(
             bert_config, hidden_dropout_prob=config.dropout_rate, attention_probs_dropout_prob=config.dropout_rate
         )
-    model = BertForSequenceClassification(
-        config=bert_config,
-        adapter=adapter_config(config),
-        num_labels=task.num_labels,
-        dtype=jnp.dtype(config.dtype),
-    )
+    model = model_for(config, bert_config, task)
     params = weights.init_params(model, pretrained, jax.random.PRNGKey(config.seed))
-    mask = trainable.trainable_mask(
-        params,
-        mode=config.mode,
-        num_layers=bert_config.num_hidden_layers,
-        top_k=config.top_k,
-        train_pooler=config.train_pooler,
-    )
+    mask = trainable_mask(config, bert_config, params)
     trainable_params, frozen_params = trainable.split(params, mask)
     return Experiment(
         task=task,

@@ -61,11 +61,18 @@ def write(directory: epath.PathLike, params: Mapping[str, Any], metadata: Mappin
     return run_utils.write_atomic(directory / EXPORT_FILE, data)
 
 
-def read(path: epath.PathLike) -> tuple[dict, dict]:
-    """Reads an export written by `write` (the file, or the folder holding it): (nested params, metadata)."""
+def export_file(path: epath.PathLike) -> epath.Path:
+    """The export file meant by `path`: the file itself, the folder holding it, or the training workdir."""
     path = epath.Path(path)
-    if path.is_dir():
-        path = path / EXPORT_FILE
+    if not path.is_dir():
+        return path
+    in_workdir = path / EXPORT_DIR / EXPORT_FILE
+    return in_workdir if in_workdir.exists() else path / EXPORT_FILE
+
+
+def read(path: epath.PathLike) -> tuple[dict, dict]:
+    """Reads an export written by `write` (see `export_file` for what `path` may be): (nested params, metadata)."""
+    path = export_file(path)
     if not path.exists():
         raise CheckpointError(f"adapter export not found: {path}")
     try:
@@ -106,6 +113,31 @@ def config_for_export(config: ml_collections.ConfigDict, settings: Mapping[str, 
     return config
 
 
+def check_fits(
+    trained: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    source: epath.PathLike,
+    *,
+    model: str,
+    base_fingerprint: str,
+    expected_shapes: Mapping[str, Any],
+) -> None:
+    """Refuses (CheckpointError naming `source`) trained parameters from a base model other than `model`,
+    whose weights have `base_fingerprint`, or whose shapes differ from `expected_shapes` (a tree of tuples)."""
+    if settings["base_fingerprint"] != base_fingerprint:
+        raise CheckpointError(
+            f"adapter export {source} was trained on base model {settings['model']!r} "
+            f"(weights sha256 {settings['base_fingerprint'][:12]}...), but {model!r} has weights "
+            f"sha256 {base_fingerprint[:12]}...; load it onto the base it was trained on"
+        )
+    found = jax.tree.map(np.shape, dict(trained))
+    if dict(expected_shapes) != found:
+        raise CheckpointError(
+            f"adapter export {source} does not match the model built from its settings: "
+            f"expected parameter shapes {expected_shapes}, found {found}"
+        )
+
+
 def onto_base(
     config: ml_collections.ConfigDict,
     trained: Mapping[str, Any],
@@ -116,17 +148,8 @@ def onto_base(
     """Builds `config` (which carries the export's settings) with the trained parameters read from
     `source`; refuses a base model other than the one they were trained on, or mismatched shapes."""
     experiment = experiment_lib.build(config, model_folder)
-    if settings["base_fingerprint"] != experiment.base_fingerprint:
-        raise CheckpointError(
-            f"adapter export {source} was trained on base model {settings['model']!r} "
-            f"(weights sha256 {settings['base_fingerprint'][:12]}...), but {config.model!r} has weights "
-            f"sha256 {experiment.base_fingerprint[:12]}...; load it onto the base it was trained on"
-        )
-    expected = jax.tree.map(np.shape, experiment.trainable_params)
-    found = jax.tree.map(np.shape, dict(trained))
-    if expected != found:
-        raise CheckpointError(
-            f"adapter export {source} does not match the model built from its settings: "
-            f"expected parameter shapes {expected}, found {found}"
-        )
+    check_fits(
+        trained, settings, source, model=config.model, base_fingerprint=experiment.base_fingerprint,
+        expected_shapes=jax.tree.map(np.shape, experiment.trainable_params),
+    )
     return dataclasses.replace(experiment, trainable_params=dict(trained))

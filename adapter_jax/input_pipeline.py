@@ -258,8 +258,8 @@ def _check_batch_size(global_batch_size: int, num_devices: int, process_count: i
         )
 
 
-def _bucket_lengths(buckets: Iterable[int], max_seq_length: int) -> np.ndarray:
-    # Capped at the dataset's length so every example fits the last bucket.
+def bucket_lengths(buckets: Iterable[int], max_seq_length: int) -> np.ndarray:
+    """The sorted batch lengths to pad to, capped at (and including) `max_seq_length`, so every example fits."""
     return np.array(sorted({min(b, max_seq_length) for b in buckets} | {max_seq_length}))
 
 
@@ -335,7 +335,7 @@ class TrainIterator:
         self.global_batch_size = global_batch_size
         self.num_devices = num_devices
         self.seed = seed
-        self.buckets = _bucket_lengths(buckets, dataset.max_seq_length)
+        self.buckets = bucket_lengths(buckets, dataset.max_seq_length)
         self.epoch = 0
         self.step = 0
         self._order_epoch, self._order = None, None
@@ -395,7 +395,7 @@ def eval_batches(
     """
     process_index, process_count = _process(process_index, process_count)
     _check_batch_size(global_batch_size, num_devices, process_count)
-    bucket_lengths = _bucket_lengths(buckets, dataset.max_seq_length)
+    lengths = bucket_lengths(buckets, dataset.max_seq_length)
 
     def generate() -> Iterator[Batch]:
         for start in range(0, len(dataset), global_batch_size):
@@ -405,7 +405,7 @@ def eval_batches(
                 dataset,
                 np.where(weights > 0, rows, 0),
                 weights,
-                bucket_lengths,
+                lengths,
                 process_index=process_index,
                 process_count=process_count,
                 num_devices=num_devices,

@@ -1,6 +1,10 @@
 """Entry point: flags -> config -> train_and_evaluate or predict.
 
     python -m adapter_jax.main --config=configs/glue.py:rte --workdir=/tmp/rte [--mode=predict]
+
+Several --workdir with --mode=predict predict all their tasks in one pass (evaluation.predict_together):
+
+    python -m adapter_jax.main --config=configs/glue.py:rte --workdir=/tmp/rte --workdir=/tmp/sst2 --mode=predict
 """
 
 import json
@@ -15,7 +19,12 @@ from adapter_jax import evaluation, run_utils, train
 from adapter_jax.errors import AdapterJaxError, NonFiniteLoss, Preempted, WriteFailed
 
 FLAGS = flags.FLAGS
-run_utils.define_path_flag("workdir", None, "Folder for checkpoints, logs, the adapter export and predictions.")
+run_utils.define_path_flag(
+    "workdir", None,
+    "Folder for checkpoints, logs, the adapter export and predictions; with --mode=predict, repeat it to predict "
+    "several runs' tasks in one pass.",
+    multi=True,
+)
 flags.DEFINE_enum("mode", "train", ["train", "predict"], "Train (resuming from the workdir), or predict test.")
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/glue.py:rte.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
@@ -60,13 +69,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv
-    run_utils.route_logs(run_utils.log_file_for(FLAGS.workdir))
+    workdirs = FLAGS.workdir
+    if FLAGS.mode == "train" and len(workdirs) > 1:
+        _usage_error(f"--workdir: training takes one workdir, got {len(workdirs)}")
+    run_utils.route_logs(run_utils.log_file_for(workdirs[0]))
     if _is_multihost():
         jax.distributed.initialize()
     logging.info("JAX devices: %d local, %d global", jax.local_device_count(), jax.device_count())
-    run = train.train_and_evaluate if FLAGS.mode == "train" else evaluation.predict
+    if len(workdirs) > 1:
+        run, workdir = evaluation.predict_together, workdirs
+    else:
+        run, workdir = (train.train_and_evaluate if FLAGS.mode == "train" else evaluation.predict), workdirs[0]
     try:
-        result = run(FLAGS.config, FLAGS.workdir)
+        result = run(FLAGS.config, workdir)
     except Preempted as e:
         print(e, file=sys.stderr)
         sys.exit(128 + e.signum)

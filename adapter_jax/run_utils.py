@@ -80,9 +80,12 @@ class _PathParser(flags.ArgumentParser):
         return "path"
 
 
-def define_path_flag(name: str, default: str | None, help_text: str, **kwargs: Any) -> None:
-    """An absl string flag whose value is made absolute when parsed, and may not be empty."""
-    flags.DEFINE(_PathParser(), name, default, help_text, serializer=flags.ArgumentSerializer(), **kwargs)
+def define_path_flag(name: str, default: str | None, help_text: str, *, multi: bool = False, **kwargs: Any) -> None:
+    """An absl string flag (repeatable with `multi`) whose values are made absolute when parsed, and may not be empty."""
+    if multi:
+        flags.DEFINE_multi(_PathParser(), flags.ArgumentSerializer(), name, default, help_text, **kwargs)
+    else:
+        flags.DEFINE(_PathParser(), name, default, help_text, serializer=flags.ArgumentSerializer(), **kwargs)
 
 
 def read_json(path: epath.PathLike) -> dict:
