@@ -9,8 +9,12 @@ import sys
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPTS = ("scripts.sweep", "scripts.report", "scripts.benchmark", "scripts.peer", "scripts.count_params",
-           "scripts.tpu.launch", "scripts.ablate")
+# Every module under scripts/ (found, so that a new script is covered without being listed), and the server.
+SCRIPTS = sorted(
+    ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts)
+    for path in (REPO_ROOT / "scripts").rglob("*.py")
+    if path.stem != "__init__"
+) + ["adapter_jax.serve"]
 
 
 @pytest.mark.parametrize("module", SCRIPTS)
