@@ -226,7 +226,7 @@ def plot(results: Mapping[str, Any], path: epath.PathLike) -> matplotlib.figure.
     ax.set_ylabel("last ablated layer")
     metric = f"{results['split']} {results['metric']} (%)"
     fig.colorbar(image, ax=ax, label=metric)
-    ax.set_title(f"{results['task']}: {metric} with the adapters of layers first..last removed", fontsize=9)
+    ax.set_title(f"{results['task']}: {metric}\nwith the adapters of layers first..last removed", fontsize=9)
     caption = (
         f"Unablated: {unablated:.1f}. Majority class: {majority:.1f}. Diagonal: one layer's adapters removed; "
         f"bottom left: all removed.\nThe paper (Fig. 6): removing one layer's adapters costs little, removing all "

@@ -5,7 +5,8 @@ From the repository root:
 
 writes `<out_dir>/report.md` and `<out_dir>/params_vs_score.png`, and, where the runs include top_k or
 layernorm baselines, `<out_dir>/tradeoff.png` (the paper's Figures 3-4: best dev score against trained parameters,
-one line per method and one panel per task); `--submission_dir` also gathers the selected runs' test predictions
+one line per method and one panel per task) with `<out_dir>/tradeoff.md` (each point's best run, and the mean and
+spread over the seeds of its setting); `--submission_dir` also gathers the selected runs' test predictions
 into a GLUE submission folder (zip its contents and upload them to gluebenchmark.com).
 
 Selection follows the paper: for each task and method, the run with the best dev score over the grid (learning
@@ -43,6 +44,7 @@ OUR_SOURCE = "adapter-jax"
 BEST_SIZE = "adapters (best size)"
 PAPER_SOURCE = "paper (GLUE test)"
 TRADEOFF_FILE = "tradeoff.png"
+TRADEOFF_TABLE_FILE = "tradeoff.md"
 # The paper's "total params" counts one task-specific copy for each of the nine GLUE tasks.
 NUM_GLUE_TASKS = len(tasks.GLUE_TASKS)
 # How a dev_metrics key names MNLI's mismatched accuracy, e.g. "accuracy_mm", "mm/accuracy", "mismatched_acc".
@@ -320,13 +322,24 @@ TRADEOFF_CLAIM = "Houlsby et al. (2019), Figs. 3-4: adapters dominate top-k fine
 
 class TradeoffPoint(NamedTuple):
     trainable_params: int
-    score: float  # percent
+    score: float  # percent: the best dev run (the paper's selection)
     label: str  # what varies along the method's line: "m=8", "k=2", or ""
+    seed_scores: tuple[float, ...]  # percent: every seed of the best run's setting (learning rate and epochs)
+    setting: str  # that setting, e.g. "lr 0.003, 3 epochs"
 
 
-def tradeoff_points(best: BestRuns) -> dict[str, dict[Method, list[TradeoffPoint]]]:
+def _setting(run: Run) -> tuple:
+    """What the seeds of one setting share: source, task, method and point, learning rate and epochs."""
+    return run.get("source", OUR_SOURCE), run["task"], method_of(run), run.get("learning_rate"), run.get("num_epochs")
+
+
+def tradeoff_points(best: BestRuns, runs: Iterable[Run] = ()) -> dict[str, dict[Method, list[TradeoffPoint]]]:
     """Task -> (source, mode) -> that method's points, fewest trained parameters first: at each adapter size
-    or k, the best dev run over learning rate, epochs and seeds (best_runs' choice)."""
+    or k, the best dev run over learning rate, epochs and seeds (best_runs' choice), with the scores of every
+    seed among `runs` that shares its learning rate and epochs (its own score alone if `runs` is empty)."""
+    seeds = collections.defaultdict(list)
+    for run in runs:
+        seeds[_setting(run)].append(100 * run["score"])
     points: dict[str, dict[Method, list[TradeoffPoint]]] = collections.defaultdict(dict)
     for (source, method), by_task in best.items():
         if method == BEST_SIZE:
@@ -335,9 +348,35 @@ def tradeoff_points(best: BestRuns) -> dict[str, dict[Method, list[TradeoffPoint
             if run["mode"] not in TRADEOFF_METHODS or not run.get("trainable_params"):
                 continue
             label = {"adapters": f"m={run.get('adapter_size')}", "top_k": f"k={run.get('top_k')}"}.get(run["mode"], "")
+            setting = f"lr {run.get('learning_rate', '?'):g}, {run.get('num_epochs', '?')} epochs"
             line = points[task].setdefault((source, run["mode"]), [])
-            line.append(TradeoffPoint(run["trainable_params"], 100 * run["score"], label))
+            scores = tuple(seeds.get(_setting(run), [100 * run["score"]]))
+            line.append(TradeoffPoint(run["trainable_params"], 100 * run["score"], label, scores, setting))
     return {task: {method: sorted(line) for method, line in lines.items()} for task, lines in sorted(points.items())}
+
+
+def render_tradeoff(points: Mapping[str, Mapping[Method, Sequence[TradeoffPoint]]]) -> str:
+    """The trade-off's points as a Markdown table: the best run, and mean, spread and range over its setting's seeds."""
+    body = []
+    for task, lines in points.items():
+        for (source, mode), line in sorted(lines.items(), key=lambda item: _line_order(*item[0])):
+            for point in line:
+                scores = point.seed_scores
+                spread = f" ± {statistics.stdev(scores):.1f}" if len(scores) > 1 else ""
+                body.append([
+                    task, TRADEOFF_METHODS[mode] + ("" if source == OUR_SOURCE else f" [{source}]"), point.label or "-",
+                    f"{point.trainable_params:,}", point.setting, f"{point.score:.1f}", str(len(scores)),
+                    f"{statistics.fmean(scores):.1f}{spread}", f"{min(scores):.1f}-{max(scores):.1f}",
+                ])
+    header = ["task", "method", "point", "trained params", "best setting", "best run", "seeds", "mean ± sd",
+              "range"]
+    return (
+        "# Trade-off: trained parameters against dev score\n\n"
+        + _markdown(header, body)
+        + "\n\nbest run: the best dev score over learning rate, epochs and seeds (the paper's selection, plotted as "
+        "the line). seeds, mean ± sd, range: every seed of that best run's learning rate and epochs (sd: sample "
+        "standard deviation), drawn as the bar and the dash at each point.\n"
+    )
 
 
 def has_tradeoff(points: Mapping[str, Mapping[Method, Sequence[TradeoffPoint]]]) -> bool:
@@ -349,13 +388,14 @@ def _line_order(source: str, mode: str) -> tuple:
     return source != OUR_SOURCE, source, list(TRADEOFF_METHODS).index(mode)
 
 
-def plot_tradeoff(best: BestRuns, path: epath.PathLike) -> matplotlib.figure.Figure:
+def plot_tradeoff(best: BestRuns, path: epath.PathLike, runs: Sequence[Run] = ()) -> matplotlib.figure.Figure:
     """The paper's Figures 3-4 kind, one panel per task: best dev score against trained parameters (log x),
     one line per method (adapter sizes, top-k depths, LayerNorm only, full fine-tuning), other sources dashed.
+    Where `runs` hold several seeds of a point's best setting, a bar spans their range and a dash marks their mean.
 
     Writes `path` and returns the figure (closed) so that its lines' data can be read back.
     """
-    points = tradeoff_points(best)
+    points = tradeoff_points(best, runs)
     if not points:
         raise DataError("no adapters, top_k, layernorm or full runs with trainable_params to plot")
     ncols = min(3, len(points))
@@ -364,12 +404,20 @@ def plot_tradeoff(best: BestRuns, path: epath.PathLike) -> matplotlib.figure.Fig
     modes = list(TRADEOFF_METHODS)
     for ax, (task, lines) in zip(axes.flat, points.items()):
         for (source, mode), line in sorted(lines.items(), key=lambda item: _line_order(*item[0])):
-            xs, ys, _ = zip(*line)
+            xs, ys = [point.trainable_params for point in line], [point.score for point in line]
             ours = source == OUR_SOURCE
             ax.plot(xs, ys, marker="o" if ours else "s", color=f"C{modes.index(mode)}", linestyle="-" if ours else "--",
                     label=TRADEOFF_METHODS[mode] + ("" if ours else f" [{source}]"))
-            for x, y, label in line:
-                ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            for point in line:
+                ax.annotate(point.label, (point.trainable_params, point.score), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
+            seeded = [point for point in line if len(point.seed_scores) > 1]
+            if seeded:
+                xs = [point.trainable_params for point in seeded]
+                color = f"C{modes.index(mode)}"
+                ax.vlines(xs, [min(p.seed_scores) for p in seeded], [max(p.seed_scores) for p in seeded],
+                          color=color, alpha=0.4, linewidth=3)
+                ax.scatter(xs, [statistics.fmean(p.seed_scores) for p in seeded], marker="_", color=color, s=60)
         ax.set_xscale("log")
         ax.set_xlabel("trained parameters per task")
         metric = tasks.TASKS[task].main_metric if task in tasks.TASKS else "score"
@@ -379,9 +427,12 @@ def plot_tradeoff(best: BestRuns, path: epath.PathLike) -> matplotlib.figure.Fig
         ax.legend(fontsize=7)
     for ax in axes.flat[len(points):]:
         ax.set_visible(False)
-    caption = f"{TRADEOFF_CLAIM}\nEach point: the best dev run over learning rate, epochs and seeds at that size or k."
-    fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    caption = (
+        f"{TRADEOFF_CLAIM}\nEach point: the best dev run over learning rate, epochs and seeds at that size or k; "
+        f"bar and dash, where drawn: the range and the mean of that run's setting over its seeds."
+    )
+    fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     save_figure(fig, path)
     return fig
 
@@ -440,9 +491,11 @@ def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     report = args.out_dir / "report.md"
     report.write_text(render_table(best, runs), encoding="utf-8")
     print(f"wrote {report} and {plot(best, args.out_dir / 'params_vs_score.png', args.per_task_plot)}")
-    if has_tradeoff(tradeoff_points(best)):
-        plot_tradeoff(best, args.out_dir / TRADEOFF_FILE)
-        print(f"wrote {args.out_dir / TRADEOFF_FILE}")
+    points = tradeoff_points(best, runs)
+    if has_tradeoff(points):
+        plot_tradeoff(best, args.out_dir / TRADEOFF_FILE, runs)
+        (args.out_dir / TRADEOFF_TABLE_FILE).write_text(render_tradeoff(points), encoding="utf-8")
+        print(f"wrote {args.out_dir / TRADEOFF_FILE} and {args.out_dir / TRADEOFF_TABLE_FILE}")
     if args.submission_dir:
         method = (args.submission_source, args.submission_method)
         copied = copy_submission(best, method, args.submission_dir)

@@ -4,6 +4,7 @@ import json
 import math
 import pathlib
 
+import matplotlib.collections
 import numpy as np
 import pytest
 
@@ -196,6 +197,34 @@ def test_tradeoff_plot_puts_each_methods_best_points_in_place(tmp_path):
     assert panels[0].get_ylabel() == "best dev matthews_corr (%)"
     assert {text.get_text() for text in rte.texts} == {"m=2", "m=8", "m=64", "k=1", "k=2", ""}
     assert report.TRADEOFF_CLAIM in " ".join(text.get_text() for text in figure.texts)
+
+
+def test_tradeoff_shows_the_seeds_of_each_points_best_setting(tmp_path):
+    """Bars span the seeds of the best run's learning rate and epochs, dashes mark their mean; other settings'
+    seeds are left out."""
+    runs = [
+        _run("sst2", "adapters", 0.80, adapter_size=8, trainable_params=60_000, seed=0),
+        _run("sst2", "adapters", 0.84, adapter_size=8, trainable_params=60_000, seed=1),  # best
+        _run("sst2", "adapters", 0.82, adapter_size=8, trainable_params=60_000, seed=2),
+        _run("sst2", "adapters", 0.50, adapter_size=8, trainable_params=60_000, learning_rate=3e-5),  # other lr
+        _run("sst2", "top_k", 0.70, top_k=1, trainable_params=2_000_000),  # one seed: no bar
+    ]
+    best = report.best_runs(runs)
+    figure = report.plot_tradeoff(best, tmp_path / "tradeoff.png", runs)
+    ax = figure.axes[0]
+    (bars,) = [c for c in ax.collections if isinstance(c, matplotlib.collections.LineCollection)]
+    np.testing.assert_allclose(bars.get_segments(), [[(60_000, 80.0), (60_000, 84.0)]])
+    (dashes,) = [c for c in ax.collections if isinstance(c, matplotlib.collections.PathCollection)]
+    np.testing.assert_allclose(dashes.get_offsets(), [(60_000, 82.0)])
+    lines = {line.get_label(): line.get_xydata().tolist() for line in ax.get_lines()}
+    assert lines["adapters (size m)"] == [[60_000, 84.0]]  # the line stays at the paper's best-of-seeds
+
+    table = report.render_tradeoff(report.tradeoff_points(best, runs))
+    adapters_row = next(row for row in table.splitlines() if "| m=8 |" in row)
+    cells = [cell.strip() for cell in adapters_row.strip("|").split("|")]
+    assert cells[3:] == ["60,000", "lr 0.0003, 3 epochs", "84.0", "3", "82.0 ± 2.0", "80.0-84.0"]
+    top_k_row = next(row for row in table.splitlines() if "| k=1 |" in row)
+    assert [cell.strip() for cell in top_k_row.strip("|").split("|")][-3:] == ["1", "70.0", "70.0-70.0"]
 
 
 def test_main_draws_the_tradeoff_when_there_are_baselines(tmp_path):
