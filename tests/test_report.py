@@ -231,3 +231,11 @@ def test_main_draws_the_tradeoff_when_there_are_baselines(tmp_path):
     results = _write_jsonl(tmp_path / "results.jsonl", _tradeoff_runs())
     report.main([f"--results={results}", f"--out_dir={tmp_path / 'out'}"])
     assert (tmp_path / "out" / report.TRADEOFF_FILE).read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_committed_tradeoff_table_regenerates_from_the_committed_results():
+    """docs/results/tradeoff/ is made by scripts.report from its committed results file alone (analyses.sh --report)."""
+    results = pathlib.Path(__file__).resolve().parents[1] / "docs" / "results" / "tradeoff" / "sst2_results.jsonl"
+    runs = report.load_results([results])
+    table = report.render_tradeoff(report.tradeoff_points(report.best_runs(runs), runs))
+    assert table == (results.parent / report.TRADEOFF_TABLE_FILE).read_text(encoding="utf-8")
