@@ -40,6 +40,7 @@ class Evaluator:
         self._num_labels = experiment.task.num_labels
         self._eval_batch_size = config.eval_batch_size
         self._buckets = tuple(config.buckets)
+        self._packing = config.packing
 
     def logits(self, trainable_params: Any, frozen_params: Any, dataset: input_pipeline.TokenizedDataset) -> np.ndarray:
         """Logits [examples, num_labels] for every example of `dataset`, in dataset order, on every host."""
@@ -49,6 +50,7 @@ class Evaluator:
             global_batch_size=self._eval_batch_size,
             num_devices=jax.local_device_count(),
             buckets=self._buckets,
+            packing=self._packing,
         ):
             logits = np.asarray(self._p_eval_step(trainable_params, frozen_params, batch))
             rows, weight = batch["idx"], batch["weight"]

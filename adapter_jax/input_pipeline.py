@@ -263,37 +263,153 @@ def bucket_lengths(buckets: Iterable[int], max_seq_length: int) -> np.ndarray:
     return np.array(sorted({min(b, max_seq_length) for b in buckets} | {max_seq_length}))
 
 
+def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """Positions of `lengths` grouped into rows of at most `row_length` tokens, first-fit decreasing.
+
+    Each position lands in exactly one row, whole; the longest go first, ties in batch order, and each
+    goes into the first row with room for it, so rows are few (at most 11/9 of the optimum plus one).
+    """
+    if any(length > row_length for length in lengths):
+        raise ValueError(f"an example is longer than the row length {row_length}: {max(lengths)}")
+    order = sorted(range(len(lengths)), key=lambda position: -lengths[position])
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for position in order:
+        fitting = next((row for row, free in enumerate(room) if lengths[position] <= free), len(rows))
+        if fitting == len(rows):
+            rows.append([])
+            room.append(row_length)
+        rows[fitting].append(position)
+        room[fitting] -= lengths[position]
+    return rows
+
+
+def packed_row_counts(examples_per_device: int) -> np.ndarray:
+    """The row counts a device's packed examples are padded to: eighths of the examples, rounded up.
+
+    A step compiles once per row count, so at most eight times; one row per example always fits.
+    """
+    return np.array(sorted({math.ceil(examples_per_device * eighths / 8) for eighths in range(1, 9)}))
+
+
+def _bucketed_tokens(
+    dataset: TokenizedDataset, shard_rows: np.ndarray, shard_weights: np.ndarray, local: slice, buckets: np.ndarray
+) -> Batch:
+    """One example per row, cut to the bucket of the longest example of the global batch."""
+    longest = dataset.lengths[shard_rows[shard_weights > 0]].max()
+    length = int(buckets[np.searchsorted(buckets, longest)])
+    rows = shard_rows[local]
+    mask = np.arange(length) < dataset.lengths[rows][..., None]
+    return {
+        "input_ids": dataset.input_ids[rows, :length],
+        "token_type_ids": dataset.token_type_ids[rows, :length],
+        "attention_mask": mask.astype(np.int32),
+    }
+
+
+def _packed_tokens(
+    dataset: TokenizedDataset, shard_rows: np.ndarray, shard_weights: np.ndarray, local: slice
+) -> Batch:
+    """Each device's examples packed into rows of max_seq_length tokens (see BertModel's packed rows).
+
+    Every device pads to the same row count, the smallest of packed_row_counts that fits the
+    fullest device of the global batch. Fillers (weight 0) take no room; their cls_index is 0.
+    """
+    length = dataset.max_seq_length
+    layouts = []
+    for rows, weights in zip(shard_rows, shard_weights):
+        real = np.flatnonzero(weights > 0)
+        layouts.append([real[members] for members in pack_rows(dataset.lengths[rows[real]].tolist(), length)])
+    row_counts = packed_row_counts(shard_rows.shape[1])
+    num_rows = int(row_counts[np.searchsorted(row_counts, max(len(layout) for layout in layouts))])
+
+    local_rows = shard_rows[local]
+    shape = (len(local_rows), num_rows, length)
+    tokens = {key: np.zeros(shape, np.int32) for key in ("input_ids", "token_type_ids", "attention_mask", "position_ids")}
+    cls_index = np.zeros(local_rows.shape, np.int32)
+    for device, (rows, layout) in enumerate(zip(local_rows, layouts[local])):
+        for row, members in enumerate(layout):
+            start = 0
+            for segment, member in enumerate(members, start=1):
+                example = rows[member]
+                end = start + dataset.lengths[example]
+                tokens["input_ids"][device, row, start:end] = dataset.input_ids[example, : end - start]
+                tokens["token_type_ids"][device, row, start:end] = dataset.token_type_ids[example, : end - start]
+                tokens["attention_mask"][device, row, start:end] = segment
+                tokens["position_ids"][device, row, start:end] = np.arange(end - start)
+                cls_index[device, member] = row * length + start
+                start = end
+    return {**tokens, "cls_index": cls_index}
+
+
 def _make_batch(
     dataset: TokenizedDataset,
     rows: np.ndarray,
     weights: np.ndarray,
-    buckets: np.ndarray,
     *,
+    packing: bool,
+    buckets: np.ndarray,
     process_index: int,
     process_count: int,
     num_devices: int,
 ) -> Batch:
-    """This host's slice of the global batch `rows`, cut to the bucket of its longest example.
+    """This host's slice of the global batch `rows` (weight 0: a filler), packed or bucketed.
 
-    The bucket is chosen over the whole global batch so that every host pads to the same
-    length and the hosts' arrays assemble into one global array.
+    The global batch is cut into equal device shards, host by host, and its shapes are chosen over
+    all of them, so that every host pads alike and the hosts' arrays assemble into one global array.
+    Labels, weights and ids are per example, [devices, examples per device], whichever the layout.
     """
-    longest = dataset.lengths[rows[weights > 0]].max()
-    length = int(buckets[np.searchsorted(buckets, longest)])
-    local_size = len(rows) // process_count
-    local = slice(process_index * local_size, (process_index + 1) * local_size)
-    rows, weights = rows[local], weights[local]
-    shape = (num_devices, local_size // num_devices)
-    mask = np.arange(length) < dataset.lengths[rows][:, None]
+    shards = process_count * num_devices
+    shard_rows, shard_weights = rows.reshape(shards, -1), weights.reshape(shards, -1)
+    local = slice(process_index * num_devices, (process_index + 1) * num_devices)
+    if packing:
+        tokens = _packed_tokens(dataset, shard_rows, shard_weights, local)
+    else:
+        tokens = _bucketed_tokens(dataset, shard_rows, shard_weights, local, buckets)
+    rows, weights = shard_rows[local], shard_weights[local]
     return {
-        "input_ids": dataset.input_ids[rows, :length].reshape(*shape, length),
-        "token_type_ids": dataset.token_type_ids[rows, :length].reshape(*shape, length),
-        "attention_mask": mask.astype(np.int32).reshape(*shape, length),
-        "label": dataset.labels[rows].reshape(shape),
-        "weight": weights.astype(np.float32).reshape(shape),
-        # Rows of `dataset` (dataset.idx[row] is the example id); -1 marks padding rows.
-        "idx": np.where(weights > 0, rows, -1).reshape(shape),
+        **tokens,
+        "label": dataset.labels[rows],
+        "weight": weights.astype(np.float32),
+        # Rows of `dataset` (dataset.idx[row] is the example id); -1 marks fillers.
+        "idx": np.where(weights > 0, rows, -1),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchStats:
+    """What a sequence of batches costs: token slots computed on, real tokens among them, and shapes."""
+
+    batches: int
+    token_slots: int
+    real_tokens: int
+    shapes: frozenset  # each distinct batch signature ((key, shape), ...): a jitted step compiles once per
+
+    @property
+    def padded_fraction(self) -> float:
+        return 1.0 - self.real_tokens / self.token_slots
+
+    @property
+    def compiled_shapes(self) -> int:
+        return len(self.shapes)
+
+
+def batch_stats(batches: Iterable[Batch]) -> BatchStats:
+    """The padded-token fraction and distinct shapes of `batches`; fillers' tokens count as padding."""
+    count = token_slots = real_tokens = 0
+    shapes = set()
+    for batch in batches:
+        count += 1
+        token_slots += batch["attention_mask"].size
+        real_tokens += _real_tokens(batch)
+        shapes.add(tuple(sorted((key, value.shape) for key, value in batch.items())))
+    return BatchStats(count, token_slots, real_tokens, frozenset(shapes))
+
+
+def _real_tokens(batch: Batch) -> int:
+    if "cls_index" in batch:  # packed: fillers take no room
+        return int(np.count_nonzero(batch["attention_mask"]))
+    return int(np.count_nonzero(batch["attention_mask"][batch["weight"] > 0]))
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -307,9 +423,10 @@ class TrainIterator:
     """Endless shuffled training batches, resumable from `state()`.
 
     Epoch e visits the examples in the order of a permutation drawn from (seed, e), dropping
-    the last partial batch. `epoch` is the current epoch and `step` the index of the next
-    batch within it, so `restore(state())` continues with exactly the batches that would
-    have come next.
+    the last partial batch. Each batch holds global_batch_size examples, packed into rows of
+    max_seq_length tokens (`packing`) or one per row, padded to the smallest of `buckets` that
+    fits. `epoch` is the current epoch and `step` the index of the next batch within it, so
+    `restore(state())` continues with exactly the batches that would have come next.
     """
 
     def __init__(
@@ -320,6 +437,7 @@ class TrainIterator:
         num_devices: int,
         seed: int,
         buckets: Sequence[int] = (32, 64, 128),
+        packing: bool = False,
         process_index: int | None = None,
         process_count: int | None = None,
     ):
@@ -336,6 +454,7 @@ class TrainIterator:
         self.num_devices = num_devices
         self.seed = seed
         self.buckets = bucket_lengths(buckets, dataset.max_seq_length)
+        self.packing = packing
         self.epoch = 0
         self.step = 0
         self._order_epoch, self._order = None, None
@@ -356,7 +475,8 @@ class TrainIterator:
             self.dataset,
             rows,
             np.ones(len(rows), np.float32),
-            self.buckets,
+            packing=self.packing,
+            buckets=self.buckets,
             process_index=self.process_index,
             process_count=self.process_count,
             num_devices=self.num_devices,
@@ -385,13 +505,14 @@ def eval_batches(
     global_batch_size: int,
     num_devices: int,
     buckets: Sequence[int] = (32, 64, 128),
+    packing: bool = False,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Iterator[Batch]:
     """Every example once, in dataset order; `idx` holds each example's row in `dataset`.
 
-    The last batch is filled with weight-0 copies of row 0 (idx -1): shapes stay static, and
-    no row is entirely masked, which would leave attention nothing to attend to.
+    Batches are laid out as TrainIterator's. The last batch is filled with weight-0 copies of row 0
+    (idx -1), so that shapes stay static; unpacked, no row is then entirely masked.
     """
     process_index, process_count = _process(process_index, process_count)
     _check_batch_size(global_batch_size, num_devices, process_count)
@@ -405,7 +526,8 @@ def eval_batches(
                 dataset,
                 np.where(weights > 0, rows, 0),
                 weights,
-                lengths,
+                packing=packing,
+                buckets=lengths,
                 process_index=process_index,
                 process_count=process_count,
                 num_devices=num_devices,

@@ -184,7 +184,15 @@ class BertEmbeddings(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array, *, deterministic: bool) -> jax.Array:
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        token_type_ids: jax.Array,
+        *,
+        deterministic: bool,
+        position_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """position_ids [B, L]: each token's position in its own example; None: 0..L-1 in every row."""
         config = self.config
 
         def embed(num: int, name: str) -> nn.Embed:
@@ -203,7 +211,7 @@ class BertEmbeddings(nn.Module):
             raise errors.ConfigError(
                 f"sequence length {length} exceeds max_position_embeddings {config.max_position_embeddings}"
             )
-        positions = jnp.arange(length)[None, :]
+        positions = jnp.arange(length)[None, :] if position_ids is None else position_ids
         x = (
             embed(config.vocab_size, "word_embeddings")(input_ids)
             + embed(config.max_position_embeddings, "position_embeddings")(positions)
@@ -319,18 +327,43 @@ class BertEncoder(nn.Module):
 
 
 class BertPooler(nn.Module):
-    """tanh(dense(hidden state of the first token, [CLS]))."""
+    """tanh(dense(hidden state of each example's first token, [CLS]))."""
 
     config: BertConfig
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.tanh(_dense(self.config.hidden_size, self.config, self.dtype, "dense")(x[:, 0]))
+    def __call__(self, cls_states: jax.Array) -> jax.Array:
+        return jnp.tanh(_dense(self.config.hidden_size, self.config, self.dtype, "dense")(cls_states))
+
+
+def _attention_bias(attention_mask: jax.Array, packed: bool) -> jax.Array:
+    """The additive attention bias: 0 where a query may attend to a key, float32's min elsewhere.
+
+    A large negative score, not -inf, gives masked keys zero weight while a query with nothing to
+    attend to (padding) stays finite (uniform) rather than NaN.
+    """
+    if not packed:
+        # One example per row: every query sees the row's tokens. Shape [B, heads=1, queries=1, L].
+        allowed = attention_mask[:, None, None, :] > 0
+    else:
+        # Block-diagonal: a query sees the tokens of its own segment only. Shape [B, 1, L, L].
+        same_segment = attention_mask[:, :, None] == attention_mask[:, None, :]
+        allowed = (same_segment & (attention_mask[:, None, :] > 0))[:, None]
+    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
 
 
 class BertModel(nn.Module):
-    """BERT embeddings + encoder + pooler. Returns (sequence_output [B, L, d], pooled_output [B, d])."""
+    """BERT embeddings + encoder + pooler. Returns (sequence_output [B, L, d], pooled_output [examples, d]).
+
+    attention_mask [B, L] is 0 at padding and otherwise says which example (segment) of its row a
+    token belongs to; a token attends to its own segment only. Unpacked rows hold one example each
+    (the usual 1/0 mask) and are pooled from their first token: pooled_output is [B, d].
+
+    Packed rows (several examples per row) also need `position_ids` [B, L], each token's position in
+    its own example, and `cls_index` [examples], the flat index (row * L + column) of each example's
+    first token ([CLS]), from which each example is pooled.
+    """
 
     config: BertConfig
     adapter: AdapterConfig = AdapterConfig(size=0)
@@ -344,24 +377,27 @@ class BertModel(nn.Module):
         attention_mask: jax.Array,
         *,
         deterministic: bool = True,
+        position_ids: jax.Array | None = None,
+        cls_index: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
+        packed = cls_index is not None
+        if packed != (position_ids is not None):
+            raise ValueError("packed rows need both position_ids and cls_index")
         x = BertEmbeddings(self.config, self.dtype, name="embeddings")(
-            input_ids, token_type_ids, deterministic=deterministic
+            input_ids, token_type_ids, deterministic=deterministic, position_ids=position_ids
         )
-        # attention_mask is 1 for tokens and 0 for padding. Padded keys get an additive large
-        # negative score so softmax gives them zero weight; an all-padding row stays finite
-        # (uniform) rather than NaN. Shape [B, heads=1, queries=1, L].
-        attention_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
         x = BertEncoder(self.config, self.adapter, self.dtype, name="encoder")(
-            x, attention_bias, deterministic=deterministic
+            x, _attention_bias(attention_mask, packed), deterministic=deterministic
         )
-        return x, BertPooler(self.config, self.dtype, name="pooler")(x)
+        cls_states = jnp.take(x.reshape(-1, x.shape[-1]), cls_index, axis=0) if packed else x[:, 0]
+        return x, BertPooler(self.config, self.dtype, name="pooler")(cls_states)
 
 
 class BertForSequenceClassification(nn.Module):
     """BERT + dropout + a linear head on the pooled output. num_labels == 1 is regression (STS-B).
 
-    Returns float32 logits [B, num_labels] whatever the computation dtype.
+    Returns float32 logits [examples, num_labels] whatever the computation dtype: one per row, or for
+    packed rows one per entry of `cls_index` (see BertModel).
     """
 
     config: BertConfig
@@ -377,9 +413,16 @@ class BertForSequenceClassification(nn.Module):
         attention_mask: jax.Array,
         *,
         deterministic: bool = True,
+        position_ids: jax.Array | None = None,
+        cls_index: jax.Array | None = None,
     ) -> jax.Array:
         _, pooled = BertModel(self.config, self.adapter, self.dtype, name="bert")(
-            input_ids, token_type_ids, attention_mask, deterministic=deterministic
+            input_ids,
+            token_type_ids,
+            attention_mask,
+            deterministic=deterministic,
+            position_ids=position_ids,
+            cls_index=cls_index,
         )
         pooled = Dropout(self.config.hidden_dropout_prob)(pooled, deterministic=deterministic)
         return _dense(self.num_labels, self.config, jnp.float32, "classifier")(pooled.astype(jnp.float32))

@@ -46,6 +46,33 @@ def per_example_loss(logits: jax.Array, labels: jax.Array, is_regression: bool) 
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def model_inputs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The model's inputs in `batch`, unpacked or packed (BertModel's position_ids and cls_index)."""
+    packed = ("position_ids", "cls_index") if "cls_index" in batch else ()
+    keys = ("input_ids", "token_type_ids", "attention_mask", *packed)
+    return {key: batch[key] for key in keys}
+
+
+def batch_loss(
+    trainable_params: Any,
+    frozen_params: Any,
+    batch: Mapping[str, jax.Array],
+    dropout_rng: jax.Array,
+    *,
+    model: BertForSequenceClassification,
+    is_regression: bool,
+) -> jax.Array:
+    """The weighted mean loss over the examples of one device's shard, packed or not, with dropout."""
+    logits = model.apply(
+        {"params": trainable.merge(trainable_params, frozen_params)},
+        **model_inputs(batch),
+        deterministic=False,
+        rngs={"dropout": dropout_rng},
+    )
+    losses = per_example_loss(logits, batch["label"], is_regression)
+    return jnp.sum(losses * batch["weight"]) / jnp.maximum(jnp.sum(batch["weight"]), 1.0)
+
+
 def train_step(
     state: TrainState,
     frozen_params: Any,
@@ -62,20 +89,9 @@ def train_step(
     step of the optimizer, so the learning-rate schedule follows the loop's step and ends at zero.
     """
     dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
-
-    def loss_fn(params):
-        logits = model.apply(
-            {"params": trainable.merge(params, frozen_params)},
-            batch["input_ids"],
-            batch["token_type_ids"],
-            batch["attention_mask"],
-            deterministic=False,
-            rngs={"dropout": dropout_rng},
-        )
-        losses = per_example_loss(logits, batch["label"], is_regression)
-        return jnp.sum(losses * batch["weight"]) / jnp.maximum(jnp.sum(batch["weight"]), 1.0)
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    loss, grads = jax.value_and_grad(batch_loss)(
+        state.params, frozen_params, batch, dropout_rng, model=model, is_regression=is_regression
+    )
     loss, grads = jax.lax.pmean((loss, grads), AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -96,13 +112,8 @@ def train_step(
 def eval_step(
     trainable_params: Any, frozen_params: Any, batch: Mapping[str, jax.Array], *, model: BertForSequenceClassification
 ) -> jax.Array:
-    """Logits for one device's shard of an evaluation batch."""
-    return model.apply(
-        {"params": trainable.merge(trainable_params, frozen_params)},
-        batch["input_ids"],
-        batch["token_type_ids"],
-        batch["attention_mask"],
-    )
+    """Logits for one device's shard of an evaluation batch, one per example."""
+    return model.apply({"params": trainable.merge(trainable_params, frozen_params)}, **model_inputs(batch))
 
 
 def pmapped_train_step(

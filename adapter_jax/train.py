@@ -150,6 +150,7 @@ def _train_and_evaluate(
         num_devices=jax.local_device_count(),
         seed=config.seed,
         buckets=tuple(config.buckets),
+        packing=config.packing,
     )
     total_steps = config.num_train_steps or config.num_epochs * train_iter.steps_per_epoch
     schedule_settings = {

@@ -80,6 +80,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "glue_dir": (lambda v: isinstance(v, str), "a folder in the original GLUE layout"),
     "tfds_data_dir": (lambda v: isinstance(v, str), "a TFDS data folder, or empty for TFDS's default"),
     "max_seq_length": (_positive_int, "a positive integer no larger than the model's max positions"),
+    "packing": (lambda v: isinstance(v, bool), "true or false (false: bucketing)"),
     "buckets": (
         lambda v: isinstance(v, (tuple, list)) and bool(v) and all(_positive_int(b) for b in v),
         "non-empty positive sequence lengths",

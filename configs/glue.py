@@ -44,6 +44,10 @@ def get_config(task: str = "rte") -> ml_collections.ConfigDict:
     config.glue_dir = os.environ.get("GLUE_DIR", "../shared/data/glue")
     config.tfds_data_dir = ""  # empty: TFDS's default
     config.max_seq_length = 128
+    # Several examples per row of max_seq_length tokens, each attending to itself alone: the same
+    # per-example outputs as one example per row, with a fraction of the padding. False: one example
+    # per row, padded to the smallest bucket that fits the batch's longest.
+    config.packing = True
     config.buckets = (32, 64, 128)
     config.max_train_examples = 0  # > 0: train on a fixed random subset (small-machine experiments)
 

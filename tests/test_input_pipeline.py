@@ -1,11 +1,14 @@
 """Readers on the real GLUE files and synthetic MRPC/STS-B folders, TFDS parity, tokenization,
-bucketing, resumable training batches, host sharding and exhaustive evaluation batches."""
+bucketing, packing, resumable training batches, host sharding, exhaustive evaluation batches, and the
+padded-token fraction and compiled shapes of real SST-2 and RTE epochs."""
 
 import collections
 import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adapter_jax import errors, input_pipeline, tasks
 from adapter_jax.input_pipeline import Example
@@ -350,17 +353,21 @@ def test_restore_rejects_a_state_that_does_not_fit():
         train_iterator(fake_dataset()).restore({"epoch": 0, "step": 6})
 
 
-def test_two_hosts_partition_the_global_batch():
+@pytest.mark.parametrize("packing", [False, True])
+def test_two_hosts_partition_the_global_batch(packing):
     data = fake_dataset()
-    whole = train_iterator(data, global_batch_size=8, num_devices=2)
-    hosts = [train_iterator(data, global_batch_size=8, num_devices=1, process_index=i, process_count=2) for i in (0, 1)]
+    whole = train_iterator(data, global_batch_size=8, num_devices=2, packing=packing)
+    hosts = [
+        train_iterator(data, global_batch_size=8, num_devices=1, process_index=i, process_count=2, packing=packing)
+        for i in (0, 1)
+    ]
     for _ in range(10):
         expected = next(whole)
         parts = [next(h) for h in hosts]
+        assert expected.keys() == parts[0].keys()
         for key in expected:
-            # Host i holds rows [4i, 4i + 4) of the global batch, at the global batch's length.
-            joined = np.concatenate([p[key].reshape(4, *p[key].shape[2:]) for p in parts])
-            np.testing.assert_array_equal(joined, expected[key].reshape(8, *expected[key].shape[2:]))
+            # Host i holds device shard i of the global batch (examples [4i, 4i + 4)), at the global batch's shape.
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), expected[key])
 
 
 def test_batch_size_must_divide_over_hosts_and_devices():
@@ -373,8 +380,9 @@ def test_batch_size_must_divide_over_hosts_and_devices():
 # --- Evaluation batches ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("packing", [False, True])
 @pytest.mark.parametrize("process_count", [1, 2])
-def test_eval_batches_score_every_example_exactly_once(process_count):
+def test_eval_batches_score_every_example_exactly_once(process_count, packing):
     data = fake_dataset(53)
     scored, total_weight = [], 0.0
     for process_index in range(process_count):
@@ -383,16 +391,19 @@ def test_eval_batches_score_every_example_exactly_once(process_count):
             global_batch_size=8,
             num_devices=2,
             buckets=(4, 8),
+            packing=packing,
             process_index=process_index,
             process_count=process_count,
         ):
-            assert batch["input_ids"].shape[:2] == (2, 4 // process_count)
-            assert batch["idx"].shape == batch["weight"].shape == (2, 4 // process_count)
+            assert batch["input_ids"].shape[0] == 2
+            assert batch["idx"].shape == batch["weight"].shape == batch["label"].shape == (2, 4 // process_count)
             real = batch["weight"] > 0
             scored += batch["idx"][real].tolist()
             total_weight += batch["weight"].sum()
             assert (batch["idx"][~real] == -1).all()
-            assert batch["attention_mask"].sum(-1).min() > 0
+            if not packing:
+                assert batch["input_ids"].shape[1] == 4 // process_count
+                assert batch["attention_mask"].sum(-1).min() > 0
     assert total_weight == 53
     assert sorted(scored) == list(range(53))
 
@@ -400,3 +411,127 @@ def test_eval_batches_score_every_example_exactly_once(process_count):
 def test_eval_batches_check_batch_size_before_iterating():
     with pytest.raises(errors.ConfigError, match="global_batch_size=7"):
         input_pipeline.eval_batches(fake_dataset(), global_batch_size=7, num_devices=2, process_index=0, process_count=1)
+
+
+# --- Packing -----------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 64).flatmap(lambda row_length: st.tuples(
+    st.just(row_length), st.lists(st.integers(1, row_length), max_size=40))))
+def test_pack_rows_places_every_example_whole_once_in_few_rows(case):
+    row_length, lengths = case
+    rows = input_pipeline.pack_rows(lengths, row_length)
+    assert sorted(position for row in rows for position in row) == list(range(len(lengths)))
+    totals = [sum(lengths[position] for position in row) for row in rows]
+    assert all(0 < total <= row_length for total in totals)
+    # First fit: a later row's examples did not fit the room an earlier row had left, so no two rows
+    # could be merged (which also keeps the count under twice the tokens' lower bound, plus one).
+    assert all(totals[i] + totals[j] > row_length for i in range(len(rows)) for j in range(i + 1, len(rows)))
+
+
+def test_pack_rows_refuses_an_example_longer_than_a_row():
+    with pytest.raises(ValueError, match="longer than the row length 8: 9"):
+        input_pipeline.pack_rows([3, 9], 8)
+
+
+def test_packed_row_counts_are_at_most_eight_and_end_at_one_row_per_example():
+    assert input_pipeline.packed_row_counts(32).tolist() == [4, 8, 12, 16, 20, 24, 28, 32]
+    assert input_pipeline.packed_row_counts(3).tolist() == [1, 2, 3]
+
+
+def unpack(batch, device, example, row_length):
+    """(input_ids, token_type_ids, position_ids) of one example of a packed batch, read off its segment."""
+    row, start = divmod(int(batch["cls_index"][device, example]), row_length)
+    segments = batch["attention_mask"][device, row]
+    span = np.flatnonzero(segments == segments[start])
+    assert span[0] == start and (np.diff(span) == 1).all(), "an example's tokens are one contiguous run"
+    return tuple(batch[key][device, row, span] for key in ("input_ids", "token_type_ids", "position_ids"))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(8, 60),
+    max_seq_length=st.integers(4, 24),
+    seed=st.integers(0, 2**16),
+    num_devices=st.sampled_from([1, 2, 4]),
+)
+def test_packing_keeps_the_batchs_examples_whole_and_unchanged(n, max_seq_length, seed, num_devices):
+    data = fake_dataset(n, max_seq_length, seed)
+    data.token_type_ids = (np.arange(max_seq_length) >= data.lengths[:, None] // 2).astype(np.int32)
+    packed_iter, bucketed_iter = (
+        train_iterator(data, seed=seed, global_batch_size=8, num_devices=num_devices, packing=packing)
+        for packing in (True, False)
+    )
+    for _ in range(3):
+        packed, bucketed = next(packed_iter), next(bucketed_iter)
+        for key in ("label", "weight", "idx"):  # the same examples, in the same order, on the same devices
+            np.testing.assert_array_equal(packed[key], bucketed[key])
+        assert packed["input_ids"].shape[1] in input_pipeline.packed_row_counts(8 // num_devices)
+        real_tokens = 0
+        for device, example in np.ndindex(packed["idx"].shape):
+            row = packed["idx"][device, example]
+            length = data.lengths[row]
+            input_ids, token_type_ids, position_ids = unpack(packed, device, example, max_seq_length)
+            np.testing.assert_array_equal(input_ids, data.input_ids[row, :length])
+            np.testing.assert_array_equal(token_type_ids, data.token_type_ids[row, :length])
+            np.testing.assert_array_equal(position_ids, np.arange(length))
+            real_tokens += length
+        assert np.count_nonzero(packed["attention_mask"]) == real_tokens  # nothing else in the rows
+        assert not packed["input_ids"][packed["attention_mask"] == 0].any()
+
+
+def test_packed_fillers_take_no_room_and_point_at_the_first_token():
+    data = fake_dataset(5, 16)
+    (batch,) = input_pipeline.eval_batches(
+        data, global_batch_size=8, num_devices=2, packing=True, process_index=0, process_count=1
+    )
+    assert batch["idx"].tolist() == [[0, 1, 2, 3], [4, -1, -1, -1]]
+    assert batch["cls_index"][1, 1:].tolist() == [0, 0, 0]
+    assert np.count_nonzero(batch["attention_mask"]) == data.lengths.sum()
+    stats = input_pipeline.batch_stats([batch])
+    assert stats.real_tokens == data.lengths.sum() and stats.token_slots == batch["attention_mask"].size
+
+
+def test_batch_stats_count_fillers_as_padding_and_shapes_once():
+    data = fake_dataset(12, 8)
+    batches = list(input_pipeline.eval_batches(
+        data, global_batch_size=8, num_devices=2, buckets=(8,), process_index=0, process_count=1
+    ))
+    stats = input_pipeline.batch_stats(batches)
+    assert (stats.batches, stats.token_slots, stats.real_tokens) == (2, 2 * 8 * 8, data.lengths.sum())
+    assert stats.padded_fraction == pytest.approx(1 - data.lengths.sum() / 128)
+    assert stats.compiled_shapes == 1
+
+
+@pytest.mark.parametrize("name, train_examples", [("sst2", 5000), ("rte", 0)])
+def test_packing_cuts_the_padding_of_real_epochs_and_compiles_a_few_shapes(glue_dir, tokenizer, name, train_examples):
+    """One training epoch (SST-2: the benchmark's 5,000-example subset) and dev, packed vs bucketed."""
+    task = tasks.get_task(name)
+    examples = input_pipeline.read_examples(task, "train", glue_dir=glue_dir)
+    if train_examples:
+        examples = [examples[i] for i in input_pipeline.train_subset_indices(len(examples), train_examples)]
+    train = input_pipeline.tokenize(task, examples, tokenizer, 128)
+    dev = input_pipeline.tokenize(task, input_pipeline.read_examples(task, "dev", glue_dir=glue_dir), tokenizer, 128)
+
+    def epoch(packing):
+        iterator = input_pipeline.TrainIterator(
+            train, global_batch_size=32, num_devices=2, seed=0, packing=packing, process_index=0, process_count=1
+        )
+        return input_pipeline.batch_stats(itertools.islice(iterator, iterator.steps_per_epoch))
+
+    def evaluation(packing):
+        return input_pipeline.batch_stats(input_pipeline.eval_batches(
+            dev, global_batch_size=128, num_devices=2, packing=packing, process_index=0, process_count=1
+        ))
+
+    stats = {(split, packing): measure(packing) for split, measure in (("train", epoch), ("dev", evaluation))
+             for packing in (True, False)}
+    for (split, packing), s in stats.items():
+        print(f"{name} {split} {'packed' if packing else 'bucketed'}: {s.batches} batches, "
+              f"padded fraction {s.padded_fraction:.3f}, {s.compiled_shapes} shapes")
+    for split in ("train", "dev"):
+        packed, bucketed = stats[split, True], stats[split, False]
+        assert packed.batches == bucketed.batches and packed.real_tokens == bucketed.real_tokens
+        assert packed.padded_fraction < bucketed.padded_fraction
+        assert packed.compiled_shapes <= 3

@@ -1,4 +1,5 @@
-"""BERT in linen against transformers' PyTorch BertModel on the real MiniLM checkpoint, and BertConfig."""
+"""BERT in linen against transformers' PyTorch BertModel on the real MiniLM checkpoint, packed rows against
+one example per row, and BertConfig."""
 
 import json
 import re
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from adapter_jax import errors, modeling, weights
+from adapter_jax import errors, input_pipeline, modeling, steps, tasks, weights
 from adapter_jax.adapters import AdapterConfig
 from adapter_jax.modeling import BertConfig, BertForSequenceClassification, BertModel
 
@@ -112,6 +113,56 @@ def test_padding_does_not_change_token_outputs(minilm, batch):
     alone = {key: value[row : row + 1, :length] for key, value in batch.items()}
     sequence_alone, _ = apply_bert(config, params, alone)
     np.testing.assert_allclose(sequence[row, :length], sequence_alone[0], atol=1e-5)
+
+
+def test_packed_rows_give_each_example_its_unpacked_outputs(minilm_dir, minilm):
+    """Pairs of mixed lengths, several to a row: each example's token states, pooled output and logits
+    are those it gets alone in its row (float32, no dropout)."""
+    config, pretrained = minilm
+    rng = np.random.default_rng(0)
+    words = " ".join(text for pair in PAIRS for text in pair).split()
+    examples = [
+        input_pipeline.Example(i, " ".join(rng.choice(words, rng.integers(1, 30))),
+                               " ".join(rng.choice(words, rng.integers(1, 20))), 0)
+        for i in range(12)
+    ]
+    data = input_pipeline.tokenize(
+        tasks.get_task("rte"), examples, input_pipeline.load_tokenizer(minilm_dir), max_seq_length=64
+    )
+
+    def one_batch(packing):
+        (batch,) = input_pipeline.eval_batches(
+            data, global_batch_size=12, num_devices=1, buckets=(64,), packing=packing, process_index=0, process_count=1
+        )
+        return {key: value[0] for key, value in batch.items()}  # the one device's shard
+
+    unpacked, packed = one_batch(False), one_batch(True)
+    assert packed["input_ids"].shape[0] < 12 and len(set(data.lengths.tolist())) > 6
+
+    def outputs(model, params, batch):
+        return jax.device_get(jax.jit(model.apply)({"params": params}, **steps.model_inputs(batch)))
+
+    (sequence, pooled), (packed_sequence, packed_pooled) = (
+        outputs(BertModel(config), pretrained, batch) for batch in (unpacked, packed)
+    )
+    token_diff = 0.0
+    for example in range(12):
+        length = data.lengths[example]
+        row, start = divmod(int(packed["cls_index"][example]), 64)
+        token_diff = max(token_diff, np.abs(packed_sequence[row, start : start + length] - sequence[example, :length]).max())
+    classifier = BertForSequenceClassification(config, num_labels=3)
+    params = weights.init_params(classifier, pretrained, jax.random.key(0))
+    logits, packed_logits = (outputs(classifier, params, batch) for batch in (unpacked, packed))
+    pooled_diff, logits_diff = np.abs(packed_pooled - pooled).max(), np.abs(packed_logits - logits).max()
+    print(f"packed vs unpacked max abs diff: tokens {token_diff:.2e}, pooled {pooled_diff:.2e}, logits {logits_diff:.2e}")
+    assert packed_logits.shape == logits.shape == (12, 3)
+    assert max(token_diff, pooled_diff, logits_diff) <= 1e-5
+
+
+def test_packed_rows_need_positions_and_first_tokens_both():
+    ids = jnp.ones((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match="both position_ids and cls_index"):
+        jax.eval_shape(BertModel(TINY).init, jax.random.key(0), ids, ids, ids, cls_index=jnp.zeros(2, jnp.int32))
 
 
 def test_sequences_longer_than_the_position_table_are_refused():
