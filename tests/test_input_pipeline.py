@@ -533,5 +533,5 @@ def test_packing_cuts_the_padding_of_real_epochs_and_compiles_a_few_shapes(glue_
     for split in ("train", "dev"):
         packed, bucketed = stats[split, True], stats[split, False]
         assert packed.batches == bucketed.batches and packed.real_tokens == bucketed.real_tokens
-        assert packed.padded_fraction < bucketed.padded_fraction
+        assert packed.padded_fraction < bucketed.padded_fraction / 2  # measured: 0.19-0.32 vs 0.48-0.77
         assert packed.compiled_shapes <= 3
