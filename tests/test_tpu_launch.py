@@ -90,14 +90,14 @@ def test_dry_run_prints_the_whole_sequence_and_runs_nothing(capsys):
     assert delete[4:6] == ["delete", "adapters-glue"] and "--quiet" in delete
 
 
-@pytest.mark.parametrize("accelerator, version, workers", [
-    ("v4-8", "tpu-ubuntu2204-base", "one host"),
-    ("v5litepod-8", "v2-alpha-tpuv5-lite", "one host"),
-    ("v4-16", "tpu-ubuntu2204-base", "a pod of two hosts"),
-    ("v5p-8", "v2-alpha-tpuv5", "one host"),
-    ("v6e-8", "v2-alpha-tpuv6e", "one host"),
+@pytest.mark.parametrize("accelerator, version", [
+    ("v4-8", "tpu-ubuntu2204-base"),  # one host
+    ("v5litepod-8", "v2-alpha-tpuv5-lite"),  # v5e, one host
+    ("v4-16", "tpu-ubuntu2204-base"),  # a pod slice of two hosts
+    ("v5p-8", "v2-alpha-tpuv5"),
+    ("v6e-8", "v2-alpha-tpuv6e"),
 ])
-def test_the_runtime_version_follows_the_accelerator(capsys, accelerator, version, workers):
+def test_one_host_and_pod_slices(capsys, tmp_path, accelerator, version):
     commands = _dry_run(capsys, f"--accelerator_type={accelerator}")
     assert commands[0][-2:] == [f"--accelerator-type={accelerator}", f"--version={version}"]
     # Every worker gets the project, the environment, the data and the run; worker 0 alone downloads, is polled
@@ -105,7 +105,16 @@ def test_the_runtime_version_follows_the_accelerator(capsys, accelerator, versio
     ssh_workers = [next(a for a in argv if a.startswith("--worker=")) for argv in commands[1:8]]
     assert ssh_workers == ["--worker=all", "--worker=all", "--worker=0", "--worker=all", "--worker=all",
                            "--worker=0", "--worker=0"]
-    assert "delete" in commands[-1]
+    install, start = _ssh_command(commands[2]), _ssh_command(commands[5])
+    assert "uv venv --python=3.11" in install and "assert sys.version_info >= (3, 11)" in install
+    assert "-c constraints.txt" in install
+    assert "setsid nohup bash -c" in start
+    assert commands[-1][4:6] == ["delete", "adapters-glue"]
+    # The VM goes when the run fails, on every kind of slice.
+    gcloud = FakeGcloud(poll_codes=(1,))
+    with pytest.raises(launch.StepError, match="the sweeps failed"):
+        _launch(tmp_path, gcloud, f"--accelerator_type={accelerator}")
+    assert gcloud.calls[-1][4:6] == ["delete", "adapters-glue"]
 
 
 def test_runtime_version_override_and_unknown_generation(capsys):
