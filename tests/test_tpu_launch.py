@@ -189,28 +189,30 @@ def test_the_detached_run_outlives_its_shell_and_the_poll_reports_it(tmp_path, m
                       "exit 7\n")
     python.chmod(0o755)
     start, poll = (_ssh_command(launch.start_command(flags)), _ssh_command(launch.poll_command(flags)))
+    try:
+        assert _run_shell(start, tmp_path) == 0  # returns while the run goes on
+        assert _run_shell(poll, tmp_path) == launch.RUNNING
+        assert _run_shell(start, tmp_path) == 0  # a second start leaves the running one alone
+        (tmp_path / "finish").touch()
+        deadline = time.monotonic() + 20
+        while (status := _run_shell(poll, tmp_path)) == launch.RUNNING and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status == 7
+        log = (tmp_path / "adapter-jax-job" / "log").read_text()
+        assert log.count("sweeping -m scripts.sweep --config=configs/glue.py:rte") == 1
 
-    assert _run_shell(start, tmp_path) == 0  # returns while the run goes on
-    assert _run_shell(poll, tmp_path) == launch.RUNNING
-    assert _run_shell(start, tmp_path) == 0  # a second start leaves the running one alone
-    (tmp_path / "finish").touch()
-    deadline = time.monotonic() + 20
-    while (status := _run_shell(poll, tmp_path)) == launch.RUNNING and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert status == 7
-    log = (tmp_path / "adapter-jax-job" / "log").read_text()
-    assert log.count("sweeping -m scripts.sweep --config=configs/glue.py:rte") == 1
-
-    # Killed without writing a status (a VM restart): the poll says so instead of waiting forever.
-    (tmp_path / "finish").unlink()
-    (tmp_path / "adapter-jax-job" / "exit").unlink()
-    assert _run_shell(start, tmp_path) == 0
-    pid = int((tmp_path / "adapter-jax-job" / "pid").read_text())
-    os.killpg(pid, signal.SIGKILL)  # setsid made the run a process group of its own
-    deadline = time.monotonic() + 20
-    while (status := _run_shell(poll, tmp_path)) == launch.RUNNING and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert status == launch.VANISHED
+        # Killed without writing a status (a VM restart): the poll says so instead of waiting forever.
+        (tmp_path / "finish").unlink()
+        (tmp_path / "adapter-jax-job" / "exit").unlink()
+        assert _run_shell(start, tmp_path) == 0
+        pid = int((tmp_path / "adapter-jax-job" / "pid").read_text())
+        os.killpg(pid, signal.SIGKILL)  # setsid made the run a process group of its own
+        deadline = time.monotonic() + 20
+        while (status := _run_shell(poll, tmp_path)) == launch.RUNNING and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status == launch.VANISHED
+    finally:  # a failed assertion must not leave a stand-in running: it ends once this file exists
+        (tmp_path / "finish").touch()
 
 
 @pytest.mark.parametrize("flag, message", [
