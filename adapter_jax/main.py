@@ -36,7 +36,7 @@ def _is_multihost() -> bool:
 
 
 def _usage_error(message: str) -> None:
-    print(f"error: {message}\nPass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+    print(f"error: {message}\nPass --helpshort or --helpfull to see help on flags.", file=run_utils.console())
     sys.exit(2)
 
 
@@ -83,10 +83,10 @@ def main(argv: list[str]) -> None:
     try:
         result = run(FLAGS.config, workdir)
     except Preempted as e:
-        print(e, file=sys.stderr)
+        print(e, file=run_utils.console())
         sys.exit(128 + e.signum)
     except (AdapterJaxError, NonFiniteLoss, WriteFailed) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=run_utils.console())
         sys.exit(2 if isinstance(e, AdapterJaxError) else 1)
     print(json.dumps(result, indent=2, default=str))
 

@@ -7,11 +7,10 @@ RTE/QNLI/MNLI/AX, 0/1 for CoLA/SST-2/MRPC/QQP/WNLI, and a float for STS-B.
 
 import os
 import pathlib
-import tempfile
 
 import numpy as np
 
-from adapter_jax import errors
+from adapter_jax import errors, run_utils
 from adapter_jax.tasks import Task, prediction_tasks
 
 HEADER = ("index", "prediction")
@@ -53,13 +52,8 @@ def write_submission(
 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / task.submission_files[split]
-    # Temp file + rename: a crash mid-write never leaves a truncated file to be uploaded.
-    with tempfile.NamedTemporaryFile("w", dir=out_dir, prefix=f".{path.name}.", delete=False, encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.chmod(f.name, 0o644)  # mkstemp makes files owner-only; a results file is for sharing
-    os.replace(f.name, path)
-    return path
+    # Atomic: a crash mid-write never leaves a truncated file to be uploaded.
+    return pathlib.Path(run_utils.write_atomic(out_dir / task.submission_files[split], "\n".join(lines) + "\n"))
 
 
 def read_submission(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
