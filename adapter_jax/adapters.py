@@ -7,6 +7,7 @@ undisturbed at the start of fine-tuning.
 """
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -18,6 +19,12 @@ from adapter_jax import errors
 # attention output projection and after the feed-forward output projection, each
 # before the residual add and LayerNorm.
 SITES = ("attention", "output")
+
+# Exact (erf) GELU, the nonlinearity BERT uses, keeping only its input for the backward pass:
+# jax.nn.gelu's derivative would keep three intermediates the size of its input, and in BERT's
+# feed-forward block that input is the largest activation of a layer; recomputing them is a few
+# elementwise operations.
+gelu = jax.checkpoint(functools.partial(jax.nn.gelu, approximate=False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +88,5 @@ class Adapter(nn.Module):
             )
 
         hidden = dense(self.size, "down")(x)
-        # Exact (erf) GELU, the nonlinearity BERT itself uses.
-        hidden = jax.nn.gelu(hidden, approximate=False)
+        hidden = gelu(hidden)
         return x + dense(x.shape[-1], "up")(hidden)

@@ -170,7 +170,7 @@ def fingerprint(params: Mapping[str, Any]) -> str:
         array = np.asarray(leaf)
         digest.update("/".join(path).encode())
         digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(np.ascontiguousarray(array).data)  # the buffer itself: no copy of every weight
     return digest.hexdigest()
 
 
@@ -194,15 +194,20 @@ def init_params(
     apply with `model.apply({'params': params}, ...)`.
     """
     ids = jnp.ones((1, max_length), jnp.int32)
-    # One compiled init instead of hundreds of eagerly dispatched initialiser ops.
-    params = jax.jit(model.init)(rng, ids, ids, ids)["params"]
-    adapters, base = _split_adapters(params["bert"])
-    given = traverse_util.flatten_dict(pretrained)
-    problems = _tree_problems(traverse_util.flatten_dict(base), given)
+    _, base = _split_adapters(abstract_params(model, max_length)["bert"])
+    problems = _tree_problems(traverse_util.flatten_dict(base), traverse_util.flatten_dict(pretrained))
     if problems:
         raise errors.WeightsError("pretrained weights do not fit the model:\n  " + "\n  ".join(problems))
+
+    @jax.jit  # one compiled init instead of hundreds of eagerly dispatched initialiser ops
+    def init_new(rng: jax.Array) -> tuple[dict, dict]:
+        # Returning only the new parameters lets XLA drop the random base weights altogether.
+        params = model.init(rng, ids, ids, ids)["params"]
+        return _split_adapters(params["bert"])[0], params["classifier"]
+
+    adapters, classifier = init_new(rng)
     bert = trainable.merge(adapters, jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float32), pretrained))
-    return {"bert": bert, "classifier": params["classifier"]}
+    return {"bert": bert, "classifier": classifier}
 
 
 def _split_adapters(bert_params: Mapping[str, Any]) -> tuple[dict, dict]:
