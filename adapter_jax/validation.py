@@ -26,6 +26,8 @@ RESUMABLE_KEYS = frozenset(
     {"log_every_steps", "checkpoint_every_steps", "checkpoints_to_keep", "eval_batch_size", "glue_dir",
      "tfds_data_dir", "data_source"}
 )
+# Keys added after runs were saved without them, with the value such a run was trained with.
+KEYS_ADDED_LATER = {"packing": False}
 
 
 def _positive_int(value: Any) -> bool:
@@ -206,6 +208,7 @@ def _workdir_problems(config: ml_collections.ConfigDict, workdir: epath.Path) ->
     if found is None:
         return []
     holder, saved = found
+    saved = {**KEYS_ADDED_LATER, **saved}
     differences = [
         f"{key}: {holder} has {saved.get(key)!r}, config has {_plain(config.get(key))!r}"
         for key in sorted(set(saved) | set(config.keys()))

@@ -256,3 +256,16 @@ def test_entry_point_prints_error_and_exits_2_without_a_traceback(tiny_model_dir
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error: --config: unknown key 'learning_rat'"), result.stderr
     assert 'Did you mean "learning_rate"' in result.stderr
+
+
+def test_a_run_saved_before_packing_existed_resumes_only_unpacked(tiny_config, tmp_path):
+    saved = tiny_config.to_dict()
+    del saved["packing"]  # a checkpoint written before the key existed: that run was bucketed
+    manager = checkpoint.checkpoint_manager(tmp_path)
+    checkpoint.save_checkpoint(manager, 4, {"x": np.zeros(2, np.float32)}, {"config": saved})
+    manager.wait_until_finished()
+    tiny_config.packing = True
+    with pytest.raises(errors.ConfigError, match="packing: checkpoint has False, config has True"):
+        validation.validate_config(tiny_config, tmp_path)
+    tiny_config.packing = False
+    validation.validate_config(tiny_config, tmp_path)
