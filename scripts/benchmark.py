@@ -1,37 +1,63 @@
-"""Training-step speed and peak memory: adapters vs full fine-tuning, and the AdapterHub reference.
+"""Training speed and peak memory on this machine: ours vs the AdapterHub reference, side by side.
 
-Times compiled training steps at batch 32 x 128 tokens on the offline MiniLM model (real RTE
-batches), each setting in its own process so peak memory is its own. Then, on real data, one epoch
-of adapter training with dev evaluation per task (SST-2 cut to --epoch_train_examples), packed vs
-bucketed, compilation included. From the repository root:
+One run prints, for the machine it runs on:
+1. the CPU and the measured float32 matmul peak (a 2048^3 product in JAX and in PyTorch; the higher is
+   "the peak");
+2. compiled training steps at fixed shapes (batch 32 x 128 tokens, MiniLM-L6-H384, real RTE batches),
+   adapters and full fine-tuning, ours and the reference's: examples/s, step time, GFLOP/s as a fraction
+   of the peak, peak RSS; each setting in its own process, so each peak RSS is its own;
+3. real data: one epoch of adapter training with dev evaluation per task (SST-2 cut to
+   --epoch_train_examples, RTE whole), ours packed and bucketed vs the reference with dynamic padding,
+   compilation and start-up included.
+From the repository root:
 
-    python -m scripts.benchmark                      # adapters and full, plus the peer if set up
-    python -m scripts.benchmark --steps=10 --peer_python=~/.cache/adapter-peer-venv/bin/python
-    python -m scripts.benchmark --steps=0 --epoch_tasks=rte   # the real-data epochs alone, RTE only
+    python -m scripts.benchmark                                  # everything (about half an hour on 2 cores)
+    python -m scripts.benchmark --epoch_tasks=                   # the fixed-shape table alone
+    python -m scripts.benchmark --steps=0 --epoch_tasks=rte      # the real-data epochs alone, RTE only
 
-The peer is ../shared/bench/peer/train_adapterhub.py (PyTorch, AdapterHub `adapters`), run through
-scripts.peer with the same model, batch, sequence length and adapter size, padded to 128 as here.
+The reference is ../shared/bench/peer/train_adapterhub.py (PyTorch, AdapterHub `adapters`), run through
+scripts.peer with the same model, batch, sequence length and adapter size; skipped if its virtual
+environment (made by its setup.sh) is missing. Run on a quiet machine: figures are only comparable
+within one run.
 """
 
 import json
 import os
 import pathlib
+import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app, flags
 
-from adapter_jax import run_utils
+from adapter_jax import run_utils, tasks
 from scripts import peer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+MATMUL_SIZE = 2048
+# The same measurement in PyTorch, run by the reference's Python with its two threads.
+TORCH_MATMUL = f"""
+import time, torch
+torch.set_num_threads(2)
+a, b = torch.randn({MATMUL_SIZE}, {MATMUL_SIZE}), torch.randn({MATMUL_SIZE}, {MATMUL_SIZE})
+a @ b
+best = float("inf")
+for _ in range(10):
+    start = time.perf_counter()
+    a @ b
+    best = min(best, time.perf_counter() - start)
+print(torch.__version__, 2 * {MATMUL_SIZE}**3 / best / 1e9)
+"""
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("only", None, ["adapters", "full"], "Measure one mode in this process (used by the driver).")
+flags.DEFINE_enum("only", None, ["adapters", "full", "matmul"],
+                  "Measure one thing in this process (used by the driver).")
 flags.DEFINE_integer("steps", 8, "Timed steps after compilation and one warm-up step (0: skip the fixed-shape table).")
-flags.DEFINE_list("epoch_tasks", ["sst2", "rte"], "Tasks whose real epoch is timed, packed vs bucketed (empty: none).")
+flags.DEFINE_list("epoch_tasks", ["sst2", "rte"], "Tasks whose real epoch is timed (empty: none).")
+flags.DEFINE_list("epoch_layouts", ["packed", "bucketed"], "Our layouts timed on real data: packed, bucketed.")
 flags.DEFINE_integer("epoch_train_examples", 5000, "Training examples of a timed epoch at most (a fixed subset).")
 flags.DEFINE_string("epoch", None, "TASK:packed or TASK:bucketed: time that epoch in this process (used by the driver).")
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
@@ -43,12 +69,38 @@ flags.DEFINE_string("peer_python", peer.DEFAULT_PEER_PYTHON,
                     "Python of the peer's virtual environment (made by its setup.sh); skipped if missing.")
 
 
+def cpu_description() -> str:
+    """The CPU model, logical cores and widest vector extension, as /proc/cpuinfo gives them."""
+    info = pathlib.Path("/proc/cpuinfo")
+    text = info.read_text() if info.exists() else ""
+    fields = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
+    model = fields.get("model name", platform.processor() or platform.machine())
+    flag_set = set(fields.get("flags", "").split())
+    vectors = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flag_set), "no AVX2")
+    return f"{model}, {os.cpu_count()} logical cores, {vectors}"
+
+
+def measure_matmul() -> float:
+    """GFLOP/s of the best of ten float32 MATMUL_SIZE^3 products in JAX, in this process."""
+    import jax
+
+    a = jax.random.normal(jax.random.key(0), (MATMUL_SIZE, MATMUL_SIZE))
+    product = jax.jit(lambda x: x @ x)
+    product(a).block_until_ready()
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        product(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * MATMUL_SIZE**3 / best / 1e9
+
+
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def measure(mode: str) -> dict:
-    """Examples/s of compiled training steps in `mode`, in this process."""
+def fixed_shape_step(mode: str, num_batches: int):
+    """(the compiled training step, its state, the frozen weights, real RTE batches, the setup) at fixed shapes."""
     import jax
 
     from adapter_jax import experiment, input_pipeline, optim, steps
@@ -72,14 +124,22 @@ def measure(mode: str) -> dict:
     p_step = steps.pmapped_train_step(setup.model, tx, setup.task.is_regression)
     p_state = steps.replicate(steps.initial_state(setup.trainable_params, tx, seed=0))
     p_frozen = steps.replicate(setup.frozen_params)
-    batches = [next(iterator) for _ in range(FLAGS.steps + 1)]
+    batches = [next(iterator) for _ in range(num_batches)]
+    return p_step.lower(p_state, p_frozen, batches[0]).compile(), p_state, p_frozen, batches, setup
+
+
+def measure(mode: str) -> dict:
+    """Examples/s of compiled training steps in `mode`, in this process."""
+    import jax
+
     compile_start = time.perf_counter()
-    p_state, metrics = p_step(p_state, p_frozen, batches[0])
+    compiled_step, p_state, p_frozen, batches, setup = fixed_shape_step(mode, FLAGS.steps + 1)
+    p_state, metrics = compiled_step(p_state, p_frozen, batches[0])
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - compile_start
     start = time.perf_counter()
     for batch in batches[1:]:
-        p_state, metrics = p_step(p_state, p_frozen, batch)
+        p_state, metrics = compiled_step(p_state, p_frozen, batch)
     jax.block_until_ready((p_state, metrics))
     elapsed = time.perf_counter() - start
     counts = setup.parameter_summary()
@@ -88,7 +148,9 @@ def measure(mode: str) -> dict:
         "mode": mode,
         "examples_per_s": FLAGS.steps * FLAGS.batch_size / elapsed,
         "step_s": elapsed / FLAGS.steps,
-        "first_step_s_with_compile": compile_s,
+        # XLA's count for one device's program (matmuls; the frozen weights' gradients are not computed)
+        "gflop_per_step": compiled_step.cost_analysis()["flops"] * jax.local_device_count() / 1e9,
+        "first_step_s_with_setup_and_compile": compile_s,
         "peak_rss_mib": _peak_rss_mib(),
         "trainable_params": counts["trainable_params"],
         "total_params": counts["total_params"],
@@ -157,29 +219,98 @@ def _run_self(*flag_args: str) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def _print_epochs() -> None:
-    print(f"\nreal data: one epoch of adapters at batch {FLAGS.batch_size}, rows of {FLAGS.seq_length} tokens, "
-          "then dev; compilation included")
-    for task_name in FLAGS.epoch_tasks:
-        for layout in ("packed", "bucketed"):
-            row = _run_self(f"--epoch={task_name}:{layout}")
-            print(f"{row['task']:5s} {row['layout']:8s} {row['train_examples']:5d} examples: train {row['train_s']:6.1f} s "
-                  f"({row['train_examples'] / row['train_s']:5.1f} ex/s), dev {row['eval_s']:5.1f} s, "
-                  f"padded {row['padded_fraction']:.1%}, {row['train_shapes']} shapes, "
-                  f"peak RSS {row['peak_rss_mib']:.0f} MiB, dev {row['dev']}")
+def _peer_python() -> str | None:
+    python = os.path.expanduser(FLAGS.peer_python)
+    return python if pathlib.Path(python).exists() else None
 
 
-def _run_peer(full: bool) -> dict:
+def _print_machine() -> float:
+    """Prints the CPU and the matmul peaks; returns the peak, the higher of JAX's and PyTorch's."""
+    jax_gflops = _run_self("--only=matmul")["gflops"]
+    peaks = {"JAX": jax_gflops}
+    if _peer_python():
+        output = subprocess.run([_peer_python(), "-c", TORCH_MATMUL], check=True, capture_output=True, text=True)
+        peaks["PyTorch"] = float(output.stdout.split()[-1])
+    print(f"CPU: {cpu_description()}")
+    print(f"float32 matmul {MATMUL_SIZE}^3, best of 10: "
+          + ", ".join(f"{name} {gflops:.0f} GFLOP/s" for name, gflops in peaks.items())
+          + f"; peak = {max(peaks.values()):.0f}")
+    return max(peaks.values())
+
+
+def _run_peer_steps(full: bool) -> dict:
     return peer.run(peer.peer_command(
-        python=os.path.expanduser(FLAGS.peer_python), task="rte", data_dir=pathlib.Path(FLAGS.glue_dir) / "RTE",
+        python=_peer_python(), task="rte", data_dir=pathlib.Path(FLAGS.glue_dir) / "RTE",
         full=full, learning_rate=3e-5 if full else 3e-3, adapter_size=FLAGS.adapter_size,
         batch_size=FLAGS.batch_size, max_seq_length=FLAGS.seq_length, pad="max_length",
         max_steps=FLAGS.steps + 3, evaluate=False,  # the peer times steps after its first 3
     ))
 
 
+def _print_steps(peak: float) -> None:
+    ours = {mode: _run_self(f"--only={mode}") for mode in ("adapters", "full")}
+    rows = [("adapter-jax", mode, row["examples_per_s"], row["gflop_per_step"], row["peak_rss_mib"])
+            for mode, row in ours.items()]
+    theirs = {}
+    if _peer_python():
+        theirs = {mode: _run_peer_steps(full=mode == "full") for mode in ("adapters", "full")}
+        # The same model, batch and trainable set: the same matmuls, counted once (by XLA, for our step).
+        rows += [("AdapterHub", mode, row["train_examples_per_s"], ours[mode]["gflop_per_step"], row["peak_rss_mib"])
+                 for mode, row in theirs.items()]
+    print(f"\nfixed shapes: batch {FLAGS.batch_size} x {FLAGS.seq_length} tokens (real RTE batches), "
+          f"{FLAGS.steps} timed steps, MiniLM-L6-H384, adapter size {FLAGS.adapter_size}")
+    print(f"{'system':11s} {'mode':8s} {'ex/s':>6s} {'s/step':>7s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} "
+          f"{'of peak':>7s} {'peak RSS':>9s}")
+    for system, mode, examples_per_s, gflop, rss in rows:
+        step_s = FLAGS.batch_size / examples_per_s
+        print(f"{system:11s} {mode:8s} {examples_per_s:6.1f} {step_s:7.2f} {gflop:10.1f} {gflop / step_s:8.1f} "
+              f"{gflop / step_s / peak:7.0%} {rss:6.0f} MiB")
+    print(f"ours, adapters / full: {ours['adapters']['examples_per_s'] / ours['full']['examples_per_s']:.2f}x")
+    for mode, row in theirs.items():
+        print(f"ours / AdapterHub, {mode}: {ours[mode]['examples_per_s'] / row['train_examples_per_s']:.2f}x speed, "
+              f"{ours[mode]['peak_rss_mib'] / row['peak_rss_mib']:.2f}x peak RSS")
+    if not theirs:
+        print(f"reference skipped: {FLAGS.peer_python} not found (run ../shared/bench/peer/setup.sh)")
+
+
+def _run_peer_epoch(task: tasks.Task, scratch: pathlib.Path) -> dict:
+    data_dir = peer.subset_folder(task, FLAGS.glue_dir, FLAGS.epoch_train_examples, scratch)
+    return peer.run(peer.peer_command(
+        python=_peer_python(), task=task.name, data_dir=data_dir, full=False, learning_rate=3e-3, epochs=1,
+        adapter_size=FLAGS.adapter_size, batch_size=FLAGS.batch_size, max_seq_length=FLAGS.seq_length,
+        pad="longest",
+    ))
+
+
+def _print_epochs() -> None:
+    print(f"\nreal data: one epoch of adapters (size {FLAGS.adapter_size}) at batch {FLAGS.batch_size}, at most "
+          f"{FLAGS.seq_length} tokens, then dev; compilation included")
+    print(f"{'task':5s} {'system':24s} {'examples':>8s} {'train s':>8s} {'dev s':>6s} {'total s':>8s} {'padded':>7s} "
+          f"{'shapes':>6s} {'peak RSS':>9s}  dev")
+    for task_name in FLAGS.epoch_tasks:
+        task = tasks.get_task(task_name)
+        rows = [_run_self(f"--epoch={task_name}:{layout}") for layout in FLAGS.epoch_layouts]
+        for row in rows:
+            print(f"{task.name:5s} {'adapter-jax ' + row['layout']:24s} {row['train_examples']:8d} {row['train_s']:8.1f} "
+                  f"{row['eval_s']:6.1f} {row['train_s'] + row['eval_s']:8.1f} {row['padded_fraction']:7.1%} "
+                  f"{row['train_shapes']:6d} {row['peak_rss_mib']:6.0f} MiB  {row['dev']}")
+        if not _peer_python():
+            continue
+        with tempfile.TemporaryDirectory() as scratch:
+            theirs = _run_peer_epoch(task, pathlib.Path(scratch))
+        total = theirs["train_s"] + theirs["eval_s"]
+        print(f"{task.name:5s} {'AdapterHub dynamic pad':24s} {theirs['train_examples']:8d} {theirs['train_s']:8.1f} "
+              f"{theirs['eval_s']:6.1f} {total:8.1f} {'':>7s} {'':>6s} {theirs['peak_rss_mib']:6.0f} MiB  {theirs['dev']}")
+        for row in rows:
+            print(f"{task.name:5s} ours {row['layout']} / AdapterHub, epoch with dev: "
+                  f"{total / (row['train_s'] + row['eval_s']):.2f}x faster")
+
+
 def main(argv: list[str]) -> None:
     del argv
+    if FLAGS.only == "matmul":
+        print(json.dumps({"gflops": measure_matmul()}))
+        return
     if FLAGS.only:
         print(json.dumps(measure(FLAGS.only)))
         return
@@ -187,26 +318,11 @@ def main(argv: list[str]) -> None:
         task_name, layout = FLAGS.epoch.split(":")
         print(json.dumps(measure_epoch(task_name, packing=layout == "packed")))
         return
+    peak = _print_machine()
     if FLAGS.steps:
-        _print_steps()
+        _print_steps(peak)
     if FLAGS.epoch_tasks:
         _print_epochs()
-
-
-def _print_steps() -> None:
-    rows = [_run_self("--only=adapters"), _run_self("--only=full")]
-    speedup = rows[0]["examples_per_s"] / rows[1]["examples_per_s"]
-    print(f"batch {FLAGS.batch_size} x {FLAGS.seq_length} tokens, {FLAGS.steps} timed steps, MiniLM-L6-H384")
-    for row in rows:
-        print(f"adapter-jax {row['mode']:9s} {row['examples_per_s']:7.1f} ex/s  {row['step_s']:.3f} s/step  "
-              f"peak RSS {row['peak_rss_mib']:.0f} MiB  trainable {row['trainable_params']:,}")
-    print(f"adapters / full speed-up: {speedup:.2f}x")
-    if pathlib.Path(os.path.expanduser(FLAGS.peer_python)).exists():
-        for full in (False, True):
-            peer = _run_peer(full)
-            print(f"AdapterHub  {peer['mode']:9s} {json.dumps(peer)}")
-    else:
-        print(f"peer skipped: {FLAGS.peer_python} not found (run ../shared/bench/peer/setup.sh)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,133 @@
+"""Where a training step's time goes on CPU: XLA's own trace of the fixed-shape benchmark step, per operation.
+
+Traces a few compiled steps (batch 32 x 128, MiniLM, real RTE batches, as scripts.benchmark times them)
+with jax.profiler, then adds up each XLA operation's time (its thunk's events) and groups operations by
+kind and output shape; matmuls also show their FLOPs and rate. From the repository root:
+
+    python -m scripts.profile_step                  # the adapter step
+    python -m scripts.profile_step --mode=full --top=30
+
+Times are thunk time per step: an operation spread over both cores counts once, operations running side
+by side count each, so the total can exceed the wall time a little.
+"""
+
+import collections
+import os
+import re
+import tempfile
+
+# Before JAX loads: XLA:CPU records one trace event per operation only when asked.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
+
+from absl import app, flags
+
+# scripts.benchmark defines the flags shared with it: batch_size, seq_length, glue_dir...
+from scripts import benchmark
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("mode", "adapters", ["adapters", "full"], "Which step to profile.")
+flags.DEFINE_integer("traced_steps", 3, "Steps traced after one untraced step.")
+flags.DEFINE_integer("top", 15, "Rows printed.")
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$")
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], dict[str, tuple[str, str]]]:
+    """(computation -> its instruction lines, instruction -> (shape, line)) of an HLO module's text."""
+    computations, instructions, current = {}, {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header:
+            current = computations.setdefault(header.group(1), [])
+            continue
+        match = _INSTRUCTION.match(line)
+        if match and current is not None:
+            current.append(line)
+            instructions[match.group(1)] = (match.group(2), line)
+    return computations, instructions
+
+
+def _shape(text: str) -> list[int]:
+    dims = re.search(r"\[([\d,]*)\]", text).group(1)
+    return [int(d) for d in dims.split(",") if d]
+
+
+def _dot_flops(lines: list[str], instructions: dict[str, tuple[str, str]]) -> float:
+    """FLOPs of the dots among `lines`: 2 x output elements x contracted length."""
+    flops = 0.0
+    for line in lines:
+        match = _INSTRUCTION.match(line)
+        if not match or match.group(3) != "dot":
+            continue
+        lhs_name = re.match(r"%?([\w.\-]+)", match.group(4)).group(1)
+        lhs = _shape(instructions[lhs_name][0])
+        contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1)
+        depth = 1
+        for dim in contracted.split(","):
+            depth *= lhs[int(dim)]
+        out = 1
+        for dim in _shape(match.group(2)):
+            out *= dim
+        flops += 2.0 * out * depth
+    return flops
+
+
+def operation_times(trace_dir: str) -> collections.Counter:
+    """Nanoseconds per XLA operation name, summed over the XLA:CPU worker threads' events."""
+    import glob
+
+    from jax.profiler import ProfileData
+
+    path = max(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+    totals = collections.Counter()
+    for plane in ProfileData.from_file(path).planes:
+        for line in plane.lines:
+            if "XLAEigen" not in line.name:
+                continue
+            for event in line.events:
+                if not event.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
+                    totals[event.name] += event.duration_ns
+    return totals
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import jax
+
+    compiled_step, p_state, p_frozen, batches, _ = benchmark.fixed_shape_step(FLAGS.mode, FLAGS.traced_steps + 1)
+    p_state, metrics = compiled_step(p_state, p_frozen, batches[0])
+    jax.block_until_ready(metrics)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for batch in batches[1:]:
+                p_state, metrics = compiled_step(p_state, p_frozen, batch)
+            jax.block_until_ready((p_state, metrics))
+        times = operation_times(trace_dir)
+
+    computations, instructions = _computations(compiled_step.as_text())
+    groups = collections.defaultdict(lambda: [0.0, 0.0, 0])  # key -> [ms per step, GFLOP per step, count]
+    for name, nanoseconds in times.items():
+        if name not in instructions:
+            continue
+        shape, line = instructions[name]
+        called = re.search(r"calls=%?([\w.\-]+)", line)
+        body = computations.get(called.group(1), []) if called else [line]
+        flops = _dot_flops(body, instructions)
+        kind = "matmul" if flops else re.sub(r"[.]\d+$", "", name)  # fusion.12 -> fusion
+        key = f"{kind} -> {shape.split('{')[0]}"
+        group = groups[key]
+        group[0] += nanoseconds / 1e6 / FLAGS.traced_steps
+        group[1] += flops / 1e9
+        group[2] += 1
+    total_ms = sum(group[0] for group in groups.values())
+    matmul_ms = sum(group[0] for group in groups.values() if group[1])
+    print(f"{FLAGS.mode} step, batch {FLAGS.batch_size} x {FLAGS.seq_length}, CPU: {benchmark.cpu_description()}")
+    print(f"thunk time {total_ms:.0f} ms/step, of which matmuls {matmul_ms:.0f} ms ({matmul_ms / total_ms:.0%})")
+    print(f"{'ms/step':>8s} {'share':>6s} {'ops':>4s} {'GFLOP':>6s} {'GFLOP/s':>8s}  operation -> output")
+    for key, (ms, gflop, count) in sorted(groups.items(), key=lambda item: -item[1][0])[: FLAGS.top]:
+        rate = f"{gflop / ms * 1e3:8.0f}" if gflop else f"{'':8s}"
+        print(f"{ms:8.1f} {ms / total_ms:6.1%} {count:4d} {gflop:6.1f} {rate}  {key}")
+
+
+if __name__ == "__main__":
+    app.run(main)
