@@ -29,49 +29,6 @@ flags.DEFINE_enum("mode", "adapters", ["adapters", "full"], "Which step to profi
 flags.DEFINE_integer("traced_steps", 3, "Steps traced after one untraced step.")
 flags.DEFINE_integer("top", 15, "Rows printed.")
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$")
-
-
-def _computations(hlo_text: str) -> tuple[dict[str, list[str]], dict[str, tuple[str, str]]]:
-    """(computation -> its instruction lines, instruction -> (shape, line)) of an HLO module's text."""
-    computations, instructions, current = {}, {}, None
-    for line in hlo_text.splitlines():
-        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-        if header:
-            current = computations.setdefault(header.group(1), [])
-            continue
-        match = _INSTRUCTION.match(line)
-        if match and current is not None:
-            current.append(line)
-            instructions[match.group(1)] = (match.group(2), line)
-    return computations, instructions
-
-
-def _shape(text: str) -> list[int]:
-    dims = re.search(r"\[([\d,]*)\]", text).group(1)
-    return [int(d) for d in dims.split(",") if d]
-
-
-def _dot_flops(lines: list[str], instructions: dict[str, tuple[str, str]]) -> float:
-    """FLOPs of the dots among `lines`: 2 x output elements x contracted length."""
-    flops = 0.0
-    for line in lines:
-        match = _INSTRUCTION.match(line)
-        if not match or match.group(3) != "dot":
-            continue
-        lhs_name = re.match(r"%?([\w.\-]+)", match.group(4)).group(1)
-        lhs = _shape(instructions[lhs_name][0])
-        contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1)
-        depth = 1
-        for dim in contracted.split(","):
-            depth *= lhs[int(dim)]
-        out = 1
-        for dim in _shape(match.group(2)):
-            out *= dim
-        flops += 2.0 * out * depth
-    return flops
-
-
 def operation_times(trace_dir: str) -> collections.Counter:
     """Nanoseconds per XLA operation name, summed over the XLA:CPU worker threads' events."""
     import glob
@@ -104,7 +61,7 @@ def main(argv: list[str]) -> None:
             jax.block_until_ready((p_state, metrics))
         times = operation_times(trace_dir)
 
-    computations, instructions = _computations(compiled_step.as_text())
+    computations, instructions = benchmark.hlo_computations(compiled_step.as_text())
     groups = collections.defaultdict(lambda: [0.0, 0.0, 0])  # key -> [ms per step, GFLOP per step, count]
     for name, nanoseconds in times.items():
         if name not in instructions:
@@ -112,7 +69,7 @@ def main(argv: list[str]) -> None:
         shape, line = instructions[name]
         called = re.search(r"calls=%?([\w.\-]+)", line)
         body = computations.get(called.group(1), []) if called else [line]
-        flops = _dot_flops(body, instructions)
+        flops = benchmark.dot_flops(body, instructions)
         kind = "matmul" if flops else re.sub(r"[.]\d+$", "", name)  # fusion.12 -> fusion
         key = f"{kind} -> {shape.split('{')[0]}"
         group = groups[key]
