@@ -174,6 +174,9 @@ def _train_and_evaluate(
     p_train_step = steps.pmapped_train_step(experiment.model, tx, task.is_regression)
     evaluator = evaluation.Evaluator(experiment, config)
     p_state, p_frozen = steps.replicate(state), steps.replicate(experiment.frozen_params)
+    parameter_summary = experiment.parameter_summary()
+    # The steps read the devices' copy of the frozen weights; the host's would only double their memory.
+    experiment = dataclasses.replace(experiment, frozen_params=None)
     step = int(state.step)
     if jax.process_index() == 0 and not (workdir / run_utils.CONFIG_FILE).exists():
         # What validation compares a rerun with when the history has no checkpoint beside it.
@@ -253,7 +256,7 @@ def _train_and_evaluate(
         "final_dev_metrics": last_results,
         "skipped_steps": progress.skipped_steps,
         "wall_time_s": earlier_wall_time + time.time() - start_time,
-        **experiment.parameter_summary(),
+        **parameter_summary,
     }
     if jax.process_index() == 0:  # last: a summary says that everything above is written
         run_utils.write_atomic(workdir / SUMMARY_FILE, json.dumps(summary, indent=2))
