@@ -123,8 +123,7 @@ def write_atomic(path: epath.PathLike, data: str | bytes) -> epath.Path:
         if is_remote(path):
             _write(path, data)
             return path
-        # Unique across the hosts of a pod sharing a folder (their process ids can coincide) and across threads.
-        temporary = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        temporary = sibling_of_this_process(path, "tmp")
         try:
             _write(temporary, data)
             temporary.replace(path)
@@ -132,6 +131,12 @@ def write_atomic(path: epath.PathLike, data: str | bytes) -> epath.Path:
             temporary.unlink(missing_ok=True)
             raise
     return path
+
+
+def sibling_of_this_process(path: epath.Path, what: str) -> epath.Path:
+    """A hidden file beside `path` that no other process writes: unique across the hosts of a pod sharing a
+    folder (their process ids can coincide) and across the threads of one."""
+    return path.with_name(f".{path.name}.{what}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def _write(path: epath.Path, data: str | bytes) -> None:
