@@ -124,10 +124,12 @@ GCS_BUCKET = "adapter-jax-test"
 @pytest.fixture(scope="session")
 def gcs_emulator() -> dict[str, str]:
     """A real Cloud Storage emulator (gcp-storage-emulator, in memory) holding the empty bucket GCS_BUCKET;
-    returns the environment that points gcsfs (so epath) and tensorstore (so orbax) at it, anonymously."""
+    returns the environment that points gcsfs (so epath) and tensorstore (so orbax) at it, anonymously.
+    It runs through tests/gcs_emulator.py, which adds the generation headers real Cloud Storage sends with a
+    download and tensorstore needs (see there)."""
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=localhost", f"--port={port}", "--in-memory",
+        [sys.executable, str(REPO_ROOT / "tests" / "gcs_emulator.py"), "start", "--host=localhost", f"--port={port}", "--in-memory",
          f"--default-bucket={GCS_BUCKET}", "--quiet"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
