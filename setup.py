@@ -11,7 +11,8 @@ setuptools.setup(
     long_description=pathlib.Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["adapter_jax", "adapter_jax.*"]),
-    python_requires=">=3.10",
+    # Current JAX, flax and orbax need 3.11; on 3.10 pip would quietly pick releases the tests never ran.
+    python_requires=">=3.11",
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10.0",

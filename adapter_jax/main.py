@@ -38,7 +38,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _usage_error(message: str) -> None:
-    print(f"error: {message}\nPass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+    print(f"error: {message}\nPass --helpshort or --helpfull to see help on flags.", file=run_utils.console())
     sys.exit(2)
 
 
@@ -87,10 +87,10 @@ def main(argv: list[str]) -> None:
     try:
         result = run(FLAGS.config, workdir)
     except Preempted as e:
-        print(e, file=sys.stderr)
+        print(e, file=run_utils.console())
         sys.exit(128 + e.signum)
     except (AdapterJaxError, NonFiniteLoss, PeerLost, WriteFailed) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=run_utils.console())
         sys.exit(2 if isinstance(e, AdapterJaxError) else 1)
     print(json.dumps(result, indent=2, default=str))
 

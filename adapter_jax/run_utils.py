@@ -14,7 +14,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import ml_collections
@@ -377,12 +377,21 @@ class StopSignals:
             signal.signal(s, handler)
 
 
+_console_stream: TextIO | None = None
+
+
+def console() -> TextIO:
+    """The terminal's stream: the progress bar, our own lines and errors. Once route_logs has run, sys.stderr
+    is the log file (what libraries print there is theirs, not the user's), and this stays the terminal."""
+    return _console_stream or sys.stderr
+
+
 class _ConsoleHandler(logging.StreamHandler):
     """Writes through tqdm, so that a log line does not break the progress bar."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record), file=sys.stderr)
+            tqdm.write(self.format(record), file=console())
         except (OSError, ValueError):  # a closed or broken console: logging's own report, and carry on
             self.handleError(record)
 
@@ -393,7 +402,9 @@ def _for_console(record: logging.LogRecord) -> bool:
     # orbax logs a failed background save with several tracebacks; the failure reaches the loop as an
     # exception too, which main reports in one line. The log file keeps orbax's account.
     orbax_error = record.levelno >= logging.ERROR and _ORBAX_DIR in record.pathname
-    return record.levelno >= logging.WARNING and not orbax_error
+    # We run no event loop of our own: asyncio's reports ("Task exception was never retrieved") are about
+    # orbax's background writes, already reported as that one line.
+    return record.levelno >= logging.WARNING and not orbax_error and record.name != "asyncio"
 
 
 def log_file_for(workdir: str) -> pathlib.Path:
@@ -412,9 +423,16 @@ def route_logs(log_file: pathlib.Path) -> None:
     root.removeHandler(absl_logging.get_absl_handler())
     file_handler = logging.FileHandler(log_file, encoding="utf-8")
     file_handler.setFormatter(absl_logging.PythonFormatter())
-    console = _ConsoleHandler()
-    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    console.addFilter(_for_console)
+    console_handler = _ConsoleHandler()
+    console_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    console_handler.addFilter(_for_console)
     root.addHandler(file_handler)
-    root.addHandler(console)
+    root.addHandler(console_handler)
+    logging.captureWarnings(True)  # Python warnings as log records: on the console, as every warning is
+    # Native threads print Python tracebacks to sys.stderr themselves: after a failed checkpoint write,
+    # tensorstore's in-flight writes report dozens of "Event loop is closed" as they land. They go to the log.
+    global _console_stream
+    if _console_stream is None:
+        _console_stream = sys.stderr
+    sys.stderr = open(log_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open as long as the process
     absl_logging.info("Full log: %s", log_file)

@@ -202,7 +202,7 @@ def _train_and_evaluate(
     # However the loop ends (done, a signal, a non-finite loss, an error), closing the manager completes
     # a checkpoint still being written in the background, which would otherwise stay a temporary folder.
     with run_utils.StopSignals() as signals, _closing_checkpoints(manager), contextlib.closing(writer), tqdm(
-        total=total_steps, initial=step, disable=jax.process_index() != 0, desc=task.name
+        total=total_steps, initial=step, disable=jax.process_index() != 0, desc=task.name, file=run_utils.console()
     ) as progress_bar:
         while step < total_steps:
             p_state, device_metrics = p_train_step(p_state, p_frozen, next(train_iter))

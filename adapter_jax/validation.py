@@ -2,6 +2,7 @@
 
 import json
 import math
+import shlex
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -181,7 +182,10 @@ def _consistency_problems(
         for needed_task, split in needed:
             path = epath.Path(config.glue_dir) / needed_task.dir_name / needed_task.splits[split]
             if not path.exists():
-                problems.append(("glue_dir", f"{path} not found (task {needed_task.name}, split {split})"))
+                fetch = shlex.join(["python", "-m", "scripts.download_glue", f"--tasks={needed_task.name}",
+                                    f"--out={config.glue_dir}"])
+                message = f"{path} not found (task {needed_task.name}, split {split}); to download it, run {fetch}"
+                problems.append(("glue_dir", message))
     return problems
 
 

@@ -192,10 +192,10 @@ def main(argv: list[str]) -> None:
         # Ctrl-C is Python's KeyboardInterrupt. Either way a rerun skips what is finished.
         signum = e.signum if isinstance(e, Preempted) else signal.SIGINT
         print(f"sweep stopped by {signal.Signals(signum).name}; rerun to continue where it stopped:\n"
-              f"  {shlex.join([sys.executable, '-m', 'scripts.sweep', *sys.argv[1:]])}", file=sys.stderr)
+              f"  {shlex.join([sys.executable, '-m', 'scripts.sweep', *sys.argv[1:]])}", file=run_utils.console())
         sys.exit(128 + signum)
     except (AdapterJaxError, PeerLost, WriteFailed) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=run_utils.console())
         sys.exit(2 if isinstance(e, AdapterJaxError) else 1)
     if jax.process_index() != 0:
         return

