@@ -153,3 +153,17 @@ def gcs_emulator() -> dict[str, str]:
     }
     server.terminate()
     server.wait(timeout=30)
+
+
+@pytest.fixture
+def gcs_env(gcs_emulator, monkeypatch) -> dict[str, str]:
+    """gcs_emulator's environment, set in this process too (the test reads the bucket through epath); pass it to
+    the subprocesses."""
+    import fsspec.config
+
+    for key, value in gcs_emulator.items():
+        monkeypatch.setenv(key, value)
+    # fsspec read FSSPEC_* when it was imported. No listings cache: this process watches a bucket that others
+    # write, and gcsfs would keep answering a folder's first listing (it forgets one only on its own writes).
+    monkeypatch.setitem(fsspec.config.conf, "gcs", {"token": "anon", "use_listings_cache": False})
+    return gcs_emulator

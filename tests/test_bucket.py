@@ -5,7 +5,6 @@ import re
 import signal
 import sys
 
-import fsspec.config
 from etils import epath
 
 from adapter_jax import run_utils
@@ -16,35 +15,32 @@ GRID = ["--modes=adapters", "--learning_rates=0.01", "--epochs=1", "--adapter_si
 
 
 def test_a_bucket_workdir_trains_resumes_predicts_and_reports(
-    gcs_emulator, tiny_model_dir, tiny_glue_dir, tmp_path, monkeypatch
+    gcs_env, tiny_model_dir, tiny_glue_dir, tmp_path
 ):
-    for key, value in gcs_emulator.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setitem(fsspec.config.conf, "gcs", {"token": "anon"})  # fsspec read FSSPEC_* when imported
     sweep_dir = f"gs://{GCS_BUCKET}/{tmp_path.name}/sweep"
     # The sweep's run of GRID, trained by the main entry point as the sweep would (and then skipped by it).
     workdir = epath.Path(f"{sweep_dir}/adapters-m8-lr0.01-ep1-seed0")
     run = {**RUN, "num_train_steps": 6, "learning_rate": 0.01, "num_epochs": 1}
     train = _command("adapter_jax.main", workdir, tiny_model_dir, tiny_glue_dir, run=run)
     # Every process runs from tmp_path: a gs:// path taken for a local one would appear there as gs:/ or gs/.
-    process = _start(train, tmp_path / "train.log", cwd=tmp_path, SLOW_STEPS=0.5, **gcs_emulator)
+    process = _start(train, tmp_path / "train.log", cwd=tmp_path, SLOW_STEPS=0.5, **gcs_env)
     checkpoints = workdir / "checkpoints"
     _wait_for(lambda: checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()), process)
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, process.log_path.read_text()
 
-    resumed = _run(train, cwd=tmp_path, **gcs_emulator)
+    resumed = _run(train, cwd=tmp_path, **gcs_env)
     assert resumed.returncode == 0, resumed.stderr
     assert re.search(r"Resumed from gs://.* at step [1-5]\.", resumed.stderr), resumed.stderr
-    predicted = _run([*train, "--mode=predict"], cwd=tmp_path, **gcs_emulator)
+    predicted = _run([*train, "--mode=predict"], cwd=tmp_path, **gcs_env)
     assert predicted.returncode == 0, predicted.stderr
     sweep = _run(_command("scripts.sweep", sweep_dir, tiny_model_dir, tiny_glue_dir, *GRID, run=run), cwd=tmp_path,
-                 **gcs_emulator)
+                 **gcs_env)
     assert sweep.returncode == 0, sweep.stderr
     report = _run([sys.executable, "-m", "scripts.report", f"--results={sweep_dir}/results.jsonl",
                    f"--out_dir={sweep_dir}/report", f"--submission_dir={sweep_dir}/upload"], cwd=tmp_path,
-                  **gcs_emulator)
+                  **gcs_env)
     assert report.returncode == 0, report.stderr
 
     steps = [r["step"] for r in run_utils.read_metrics(workdir) if "train/loss" in r]
