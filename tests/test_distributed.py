@@ -1,5 +1,6 @@
 """Multi-process runs: the start-up flags, and an emulated pod (two processes of 2 fake CPU devices each, JAX's
-gloo CPU collectives) running the real sweep into one shared workdir."""
+gloo CPU collectives) running the real sweep into one shared workdir: a local folder, and a bucket of the Cloud
+Storage emulator (conftest.gcs_emulator), as on a Cloud TPU pod."""
 
 import collections
 import re
@@ -7,12 +8,14 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import safetensors.numpy
+from etils import epath
 
-from adapter_jax import distributed
+from adapter_jax import distributed, run_utils
 from adapter_jax.errors import ConfigError
-from tests.conftest import free_port
+from tests.conftest import GCS_BUCKET, free_port
 from tests.test_cli_robustness import RUN, _command, _start, _wait_for
 
 GRID = ["--modes=adapters", "--learning_rates=0.01", "--epochs=1", "--adapter_sizes=8", "--seeds=0"]
@@ -32,12 +35,13 @@ def test_the_start_up_flags_come_together_or_not_at_all():
 
 
 def _pod(workdir, model_dir, glue_dir, logs, run=RUN, **faults):
-    """The sweep as two processes of one run, each with 2 fake CPU devices; each records the files it writes."""
+    """The sweep as two processes of one run, each with 2 fake CPU devices, run from `logs`; each records the
+    local files it writes."""
     command = _command("scripts.sweep", workdir, model_dir, glue_dir, *GRID, run=run)
     address = f"--coordinator_address=localhost:{free_port()}"
     return [
         _start([*command, address, "--num_processes=2", f"--process_id={index}"], logs / f"process{index}.log",
-               WRITES_LOG=logs / f"process{index}.writes", **faults)
+               cwd=logs, WRITES_LOG=logs / f"process{index}.writes", **faults)
         for index in range(2)
     ]
 
@@ -75,13 +79,18 @@ def test_a_two_process_sweep_equals_one_process_over_as_many_devices_and_process
     assert written[str(tmp_path / "pod" / "best.json")] == 1 and written[str(tmp_path / "pod" / "results.jsonl")]
 
 
-def test_when_a_process_of_a_pod_dies_the_other_stops_with_an_error_and_both_resume(
-    tiny_model_dir, tiny_glue_dir, tmp_path
+def test_when_a_process_of_a_pod_dies_the_other_stops_with_an_error_and_both_resume_on_a_bucket(
+    gcs_env, tiny_model_dir, tiny_glue_dir, tmp_path
 ):
+    """The pod's shared workdir is gs://: orbax's multi-process saves, process 0's files and the resume all go
+    through the emulated bucket."""
+    sweep_dir = epath.Path(f"gs://{GCS_BUCKET}/{tmp_path.name}/pod")
     run = {**RUN, "num_train_steps": 8}
-    pod = _pod(tmp_path / "pod", tiny_model_dir, tiny_glue_dir, tmp_path, run=run, SLOW_STEPS=0.5)
-    checkpoints = tmp_path / "pod" / RUN_DIR / "checkpoints"
-    _wait_for(lambda: (checkpoints / "2").exists(), pod[0])
+    pod = _pod(sweep_dir, tiny_model_dir, tiny_glue_dir, tmp_path, run=run, SLOW_STEPS=0.5, **gcs_env)
+    step_2 = sweep_dir / RUN_DIR / "checkpoints" / "2"
+    # On a bucket orbax writes a step's folder in place and marks it done last (commit_success.txt); a kill
+    # before that leaves a step that a resume rightly ignores.
+    _wait_for(lambda: step_2.exists() and ocp.step.is_checkpoint_finalized(step_2), pod[0])
     pod[1].kill()
     killed = time.time()
     pod[0].wait(timeout=300)
@@ -92,8 +101,18 @@ def test_when_a_process_of_a_pod_dies_the_other_stops_with_an_error_and_both_res
     assert "another task died" in output and "stopped sending heartbeats" in output, output
 
     (tmp_path / "rerun").mkdir()
-    rerun = _pod(tmp_path / "pod", tiny_model_dir, tiny_glue_dir, tmp_path / "rerun", run=run)
+    rerun = _pod(sweep_dir, tiny_model_dir, tiny_glue_dir, tmp_path / "rerun", run=run, **gcs_env)
     for process in rerun:
         process.wait(timeout=600)
         assert process.returncode == 0, process.log_path.read_text()
-    assert re.search(r"Resumed from .* at step [2-7]\.", rerun[0].log_path.read_text())
+    assert re.search(r"Resumed from gs://.* at step [2-7]\.", rerun[0].log_path.read_text())
+
+    workdir = sweep_dir / RUN_DIR
+    steps = [r["step"] for r in run_utils.read_metrics(workdir) if "train/loss" in r]
+    assert steps == list(range(1, 9))  # the steps logged after the last checkpoint are not repeated
+    for name in ("export/adapters.safetensors", "summary.json", "submission/RTE.tsv", "submission/complete.json"):
+        assert (workdir / name).exists(), name
+    assert (sweep_dir / "best.json").exists() and (sweep_dir / "results.jsonl").exists()
+    assert not (workdir / run_utils.LOCK_FILE).exists()
+    local = {p.name for p in [*tmp_path.iterdir(), *(tmp_path / "rerun").iterdir()]}
+    assert not local & {"gs:", "gs"}, local  # a gs:// path taken for a local one would appear there
