@@ -40,6 +40,9 @@ setuptools.setup(
             # Reads glue/* through tfds.data_source and tfds.testing.mock_data: no TensorFlow needed.
             "tensorflow-datasets>=4.9.7",
             "matplotlib>=3.8",
+            # A real Cloud Storage server for the gs:// workdir tests, and the client epath reaches it with.
+            "gcp-storage-emulator>=2024.8.3",
+            "gcsfs>=2024.2.0",
         ],
         "tfds": ["tensorflow-datasets>=4.9.7"],
         # gcsfs (checkpoints, exports, results) and google-cloud-storage (TensorBoard events) let the

@@ -1,5 +1,5 @@
 """The project's exceptions: bad input raises an AdapterJaxError naming the file, line or key at fault;
-a run that stops early raises NonFiniteLoss, Preempted or WriteFailed."""
+a run that stops early raises NonFiniteLoss, PeerLost, Preempted or WriteFailed."""
 
 import signal
 
@@ -35,6 +35,11 @@ class WriteFailed(Exception):
 
 class NonFiniteLoss(Exception):
     """A step's loss or gradient was not finite and the config says to stop (on_nonfinite="stop")."""
+
+
+class PeerLost(Exception):
+    """Another process of a multi-process run did not reach a synchronisation point in time (it died, was
+    preempted or stopped on an error of its own); the message names the point and the timeout."""
 
 
 class Preempted(Exception):

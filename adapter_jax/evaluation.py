@@ -2,7 +2,6 @@
 
 import contextlib
 import json
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -116,18 +115,26 @@ def _predict(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str
     for predicted_task in tasks.prediction_tasks(task):
         for split in predicted_task.test_splits:
             dataset = experiment_lib.load_dataset(config, predicted_task, split, tokenizer)
-            predictions = to_predictions(evaluator.logits(params, frozen, dataset), task)
-            path = submission.write_submission(predicted_task, split, dataset.idx, predictions, workdir / submission.SUBMISSION_DIR)
-            files.append(str(path))
+            predictions = to_predictions(evaluator.logits(params, frozen, dataset), task)  # every host scores
+            files.append(_write_submission(predicted_task, split, dataset.idx, predictions, workdir))
     _mark_complete(workdir, files)
     return {"dev_metrics": dev_results, "submission_files": files}
+
+
+def _write_submission(task: tasks.Task, split: str, idx: np.ndarray, predictions: np.ndarray,
+                      workdir: epath.Path) -> str:
+    """Writes one leaderboard file of `workdir` (on a pod, process 0 alone: one writer per file); returns its path."""
+    out_dir = workdir / submission.SUBMISSION_DIR
+    if jax.process_index() == 0:
+        submission.write_submission(task, split, idx, predictions, out_dir)
+    return str(out_dir / task.submission_files[split])
 
 
 def _mark_complete(workdir: epath.Path, files: Sequence[str]) -> None:
     """Records, last, that the submission files of `workdir` are all written (a sweep's rerun redoes them otherwise)."""
     if jax.process_index() == 0:
         run_utils.write_atomic(workdir / submission.SUBMISSION_DIR / submission.COMPLETE_FILE,
-                               json.dumps({"files": [pathlib.PurePath(f).name for f in files]}))
+                               json.dumps({"files": [epath.Path(f).name for f in files]}))
 
 
 def predict_together(config: ml_collections.ConfigDict, workdirs: Sequence[epath.PathLike]) -> dict[str, Any]:
@@ -173,9 +180,8 @@ def _predict_together(config: ml_collections.ConfigDict, workdirs: Mapping[str, 
         if split in task.dev_splits:
             results[name]["dev_metrics"][split] = metrics.compute_metrics(task, predictions, dataset.labels)
         else:
-            out_dir = workdirs[name] / submission.SUBMISSION_DIR
-            path = submission.write_submission(predicted_task, split, dataset.idx, predictions, out_dir)
-            results[name]["submission_files"].append(str(path))
+            results[name]["submission_files"].append(
+                _write_submission(predicted_task, split, dataset.idx, predictions, workdirs[name]))
     for name, workdir in workdirs.items():
         _mark_complete(workdir, results[name]["submission_files"])
     return results

@@ -8,15 +8,21 @@ Several --workdir with --mode=predict predict all their tasks in one pass (evalu
 """
 
 import json
-import os
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from adapter_jax import evaluation, run_utils, train
-from adapter_jax.errors import AdapterJaxError, NonFiniteLoss, Preempted, WriteFailed
+from adapter_jax import distributed, evaluation, run_utils, train
+from adapter_jax.errors import (
+    AdapterJaxError,
+    ConfigError,
+    NonFiniteLoss,
+    PeerLost,
+    Preempted,
+    WriteFailed,
+)
 
 FLAGS = flags.FLAGS
 run_utils.define_path_flag(
@@ -27,12 +33,8 @@ run_utils.define_path_flag(
 )
 flags.DEFINE_enum("mode", "train", ["train", "predict"], "Train (resuming from the workdir), or predict test.")
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/glue.py:rte.", lock_config=True)
+distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _is_multihost() -> bool:
-    """Every host of a TPU pod lists all workers in TPU_WORKER_HOSTNAMES; one name means one host."""
-    return len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
 
 
 def _usage_error(message: str) -> None:
@@ -73,8 +75,10 @@ def main(argv: list[str]) -> None:
     if FLAGS.mode == "train" and len(workdirs) > 1:
         _usage_error(f"--workdir: training takes one workdir, got {len(workdirs)}")
     run_utils.route_logs(run_utils.log_file_for(workdirs[0]))
-    if _is_multihost():
-        jax.distributed.initialize()
+    try:
+        distributed.initialize_from_flags()
+    except ConfigError as e:
+        _usage_error(str(e))
     logging.info("JAX devices: %d local, %d global", jax.local_device_count(), jax.device_count())
     if len(workdirs) > 1:
         run, workdir = evaluation.predict_together, workdirs
@@ -85,7 +89,7 @@ def main(argv: list[str]) -> None:
     except Preempted as e:
         print(e, file=run_utils.console())
         sys.exit(128 + e.signum)
-    except (AdapterJaxError, NonFiniteLoss, WriteFailed) as e:
+    except (AdapterJaxError, NonFiniteLoss, PeerLost, WriteFailed) as e:
         print(f"error: {e}", file=run_utils.console())
         sys.exit(2 if isinstance(e, AdapterJaxError) else 1)
     print(json.dumps(result, indent=2, default=str))

@@ -26,13 +26,15 @@ from etils import epath
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from adapter_jax.errors import DataError, WorkdirInUse, WriteFailed
+from adapter_jax import distributed
+from adapter_jax.errors import DataError, PeerLost, WorkdirInUse, WriteFailed
 
 METRICS_FILE = "metrics.jsonl"
 # On an object store the history is chunks of lines, <workdir>/metrics/<number>.jsonl, read in name order.
 METRICS_CHUNK_DIR = "metrics"
 CONFIG_FILE = "config.json"  # the config the workdir's history was started with
 LOCK_FILE = "lock.json"
+_LOCK_BARRIER_TIMEOUT_S = 120  # the processes of a run reach the lock together, after reading the config alone
 _ORBAX_DIR = f"{os.sep}orbax{os.sep}"
 # Log lines written by code under these folders are the project's own; they reach the console.
 _PROJECT_DIRS = tuple(
@@ -110,16 +112,20 @@ def writing(path: epath.PathLike) -> Iterator[None]:
 
 
 def write_atomic(path: epath.PathLike, data: str | bytes) -> epath.Path:
-    """Writes `path` through a temporary file renamed over it, so that a kill leaves the old file or the new
-    one, never a part; a failure raises WriteFailed and leaves no temporary file."""
+    """Writes `path` whole or not at all, so that a kill leaves the old file or the new one, never a part; a
+    failure raises WriteFailed and leaves no temporary file.
+
+    A local file is written through a temporary file renamed over it. An object store (gs://) shows an object
+    only once its upload is complete, so it is written directly: it has no rename (gcsfs would copy and delete).
+    """
     path = epath.Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     with writing(path):
+        if is_remote(path):
+            _write(path, data)
+            return path
+        temporary = sibling_of_this_process(path, "tmp")
         try:
-            if isinstance(data, bytes):
-                temporary.write_bytes(data)
-            else:
-                temporary.write_text(data)
+            _write(temporary, data)
             temporary.replace(path)
         except OSError:
             temporary.unlink(missing_ok=True)
@@ -127,12 +133,26 @@ def write_atomic(path: epath.PathLike, data: str | bytes) -> epath.Path:
     return path
 
 
+def sibling_of_this_process(path: epath.Path, what: str) -> epath.Path:
+    """A hidden file beside `path` that no other process writes: unique across the hosts of a pod sharing a
+    folder (their process ids can coincide) and across the threads of one."""
+    return path.with_name(f".{path.name}.{what}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _write(path: epath.Path, data: str | bytes) -> None:
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data)
+
+
 class WorkdirLock:
     """One run per workdir: <workdir>/lock.json, created exclusively, names the holder (host, process id,
     start time) and is removed when the run ends. A lock left by a process of this host that is no longer
     running (killed, or a VM restarted after preemption) is taken over with a warning.
 
-    On a pod every host runs the same workdir, so process 0 holds the lock for all of them.
+    On a pod every host runs the same workdir, so process 0 holds the lock for all of them; the others wait
+    for it to be taken (PeerLost if process 0 stopped instead, e.g. on a busy workdir).
     """
 
     def __init__(self, workdir: epath.PathLike):
@@ -144,8 +164,15 @@ class WorkdirLock:
         self._held = False
 
     def __enter__(self) -> None:
-        if jax.process_index() != 0:
-            return
+        if jax.process_index() == 0:
+            self._acquire()
+        try:
+            distributed.barrier(f"lock of {self._path.parent}", timeout_s=_LOCK_BARRIER_TIMEOUT_S)
+        except PeerLost:
+            self.__exit__()  # the run never starts: the lock must not outlive it
+            raise
+
+    def _acquire(self) -> None:
         with writing(self._path):
             self._path.parent.mkdir(parents=True, exist_ok=True)
             if not self._create():

@@ -5,10 +5,8 @@ Predictions are written as the labels appear in the task's TSV files: label name
 RTE/QNLI/MNLI/AX, 0/1 for CoLA/SST-2/MRPC/QQP/WNLI, and a float for STS-B.
 """
 
-import os
-import pathlib
-
 import numpy as np
+from etils import epath
 
 from adapter_jax import errors, run_utils
 from adapter_jax.tasks import Task, prediction_tasks
@@ -28,8 +26,8 @@ def write_submission(
     split: str,
     idx: np.ndarray,
     predictions: np.ndarray,
-    out_dir: str | os.PathLike,
-) -> pathlib.Path:
+    out_dir: epath.PathLike,
+) -> epath.Path:
     """Writes <out_dir>/<task.submission_files[split]>; predictions are class indices (floats
     for STS-B) aligned with `idx`, the test file's example ids. Rows come out sorted by id."""
     if split not in task.submission_files:
@@ -50,15 +48,16 @@ def write_submission(
     order = np.argsort(idx, kind="stable")
     lines = ["\t".join(HEADER)] + [f"{idx[i]}\t{values[i]}" for i in order]
 
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = epath.Path(out_dir)  # a bucket (gs://...) as well as a local folder
+    with run_utils.writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     # Atomic: a crash mid-write never leaves a truncated file to be uploaded.
-    return pathlib.Path(run_utils.write_atomic(out_dir / task.submission_files[split], "\n".join(lines) + "\n"))
+    return run_utils.write_atomic(out_dir / task.submission_files[split], "\n".join(lines) + "\n")
 
 
-def read_submission(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def read_submission(path: epath.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """(idx int64, predictions as the strings written) from a leaderboard file."""
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     lines = path.read_text(encoding="utf-8").rstrip("\n").split("\n")
     if tuple(lines[0].split("\t")) != HEADER:
         raise errors.DataError(f"{path}:1: expected header {'<TAB>'.join(HEADER)!r}, found {lines[0]!r}")

@@ -195,7 +195,8 @@ def _train_and_evaluate(
         results = evaluator.evaluate(p_state.params, p_frozen, dev_data, task)
         writer.write(step, {f"{split}/{name}": value for split, r in results.items() for name, value in r.items()})
         logging.info("step %d dev %s", step, results)
-        if progress.record(step, metrics.main_score(task, results[task.dev_splits[0]]), results):
+        is_best = progress.record(step, metrics.main_score(task, results[task.dev_splits[0]]), results)
+        if is_best and jax.process_index() == 0:  # every host keeps the best score; one writes the export
             export.write(workdir / export.EXPORT_DIR, steps.unreplicate(p_state.params),
                          export.metadata(config, experiment))
         return results

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import shlex
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -196,7 +195,7 @@ def _consistency_problems(
 def _workdir_problems(config: ml_collections.ConfigDict, workdir: epath.Path) -> list[Problem]:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write-test-{os.getpid()}"
+        probe = run_utils.sibling_of_this_process(workdir / "write-test", "probe")  # every host checks its access
         probe.write_text("")
         probe.unlink()
     except OSError as e:

@@ -34,6 +34,7 @@ import matplotlib.figure
 import matplotlib.pyplot as plt
 
 from adapter_jax import (
+    distributed,
     evaluation,
     export,
     input_pipeline,
@@ -44,7 +45,7 @@ from adapter_jax import (
     trainable,
 )
 from adapter_jax import experiment as experiment_lib
-from adapter_jax.errors import CheckpointError
+from adapter_jax.errors import CheckpointError, ConfigError
 from scripts import report
 
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "glue.py")
@@ -273,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="an ablation.json: redraw its heatmap only (no model, no data)")
     parser.add_argument("--out_dir", type=run_utils.absolute_path,
                         help="where ablation.json and ablation.png go (default: the workdir, or the folder of --replot)")
+    distributed.add_arguments(parser)
     args, config_args = parser.parse_known_args(argv)
     if args.replot:
         return replot(epath.Path(args.replot), epath.Path(args.out_dir) if args.out_dir else None)
@@ -280,6 +282,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         config = parse_config(config_args)
     except (flags.Error, AttributeError, TypeError, OSError) as e:  # how config_flags reports a bad override
         parser.error(f"--config: {e}")
+    try:
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    except ConfigError as e:
+        parser.error(str(e))
     results = ablate(config, args.workdir)
     if results["compilations"]["spans"]:
         print(f"warning: evaluating the spans compiled {results['compilations']['spans']} more times; the "

@@ -19,7 +19,6 @@ import dataclasses
 import io
 import json
 import math
-import pathlib
 import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -51,10 +50,11 @@ NUM_GLUE_TASKS = len(tasks.GLUE_TASKS)
 _MISMATCHED = re.compile(r"mismatched|(^|[^a-z])mm([^a-z]|$)")
 
 
-def load_results(paths: Iterable[str | pathlib.Path]) -> list[Run]:
-    """Every run in the given results.jsonl files, in file order; a malformed line raises DataError naming it."""
+def load_results(paths: Iterable[epath.PathLike]) -> list[Run]:
+    """Every run in the given results.jsonl files (local or gs://), in file order; a malformed line raises
+    DataError naming it."""
     runs = []
-    for path in map(pathlib.Path, paths):
+    for path in map(epath.Path, paths):
         if not path.is_file():
             raise DataError(f"results file not found: {path}")
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -437,14 +437,14 @@ def plot_tradeoff(best: BestRuns, path: epath.PathLike, runs: Sequence[Run] = ()
     return fig
 
 
-def copy_submission(best: BestRuns, method: Method, out_dir: str | pathlib.Path) -> list[pathlib.Path]:
+def copy_submission(best: BestRuns, method: Method, out_dir: epath.PathLike) -> list[epath.Path]:
     """Copies the GLUE prediction files (*.tsv) of `method`'s best run per task into `out_dir`; returns them.
 
     The GLUE server wants one file per task (plus AX); tasks without predictions are left for the caller to see.
     """
     if method not in best:
         raise DataError(f"no runs for method {method}; have {sorted(best)}")
-    out_dir = pathlib.Path(out_dir)
+    out_dir = epath.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     copied = []
     for task, run in sorted(best[method].items()):
@@ -455,7 +455,7 @@ def copy_submission(best: BestRuns, method: Method, out_dir: str | pathlib.Path)
             raise DataError(f"{run.get('workdir', task)}: unknown task {task!r}; cannot tell which predictions it needs")
         # Every file the task's test sets need: a sweep stopped between two files (MNLI-m, MNLI-mm) left one.
         files = [epath.Path(predictions) / name for name in submission.expected_files(tasks.TASKS[task])]
-        missing = [f.name for f in files if not f.exists()]  # epath: the sweep's workdir may be gs://
+        missing = [f.name for f in files if not f.exists()]
         if missing:
             raise DataError(f"{task}: {predictions} lacks {missing}; rerun the sweep to write them")
         for f in files:
@@ -468,9 +468,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", required=True, type=lambda s: [run_utils.absolute_path(p) for p in s.split(",")],
                         help="comma-separated results.jsonl files (one per sweep)")
-    parser.add_argument("--out_dir", required=True, type=lambda s: pathlib.Path(run_utils.absolute_path(s)))
+    parser.add_argument("--out_dir", required=True, type=lambda s: epath.Path(run_utils.absolute_path(s)))
     parser.add_argument("--per_task_plot", action="store_true", help="one plot panel per task instead of the mean")
-    parser.add_argument("--submission_dir", type=lambda s: pathlib.Path(run_utils.absolute_path(s)),
+    parser.add_argument("--submission_dir", type=lambda s: epath.Path(run_utils.absolute_path(s)),
                         help="gather test predictions here")
     parser.add_argument("--submission_method", default=BEST_SIZE, help="method whose best runs are submitted")
     parser.add_argument("--submission_source", default=OUR_SOURCE)

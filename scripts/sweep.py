@@ -26,8 +26,15 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from adapter_jax import evaluation, paper, run_utils, submission, train
-from adapter_jax.errors import AdapterJaxError, NonFiniteLoss, Preempted, WriteFailed
+from adapter_jax import distributed, evaluation, paper, run_utils, submission, train
+from adapter_jax.errors import (
+    AdapterJaxError,
+    ConfigError,
+    NonFiniteLoss,
+    PeerLost,
+    Preempted,
+    WriteFailed,
+)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/glue.py:rte; --config.KEY overrides.")
@@ -39,6 +46,7 @@ flags.DEFINE_list("adapter_sizes", [str(m) for m in paper.ADAPTER_SIZES], "Adapt
 flags.DEFINE_list("seeds", [str(s) for s in range(paper.NUM_SEEDS)], "Seeds; the paper takes the best on dev.")
 flags.DEFINE_list("top_k", ["1"], "Layers fine-tuned in top_k mode.")
 flags.DEFINE_bool("predict_test", True, "Write each run's GLUE test predictions (for scripts.report).")
+distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 RESULTS_FILE = "results.jsonl"
@@ -160,6 +168,10 @@ def main(argv: list[str]) -> None:
     import jax
 
     run_utils.route_logs(run_utils.log_file_for(FLAGS.workdir))
+    try:
+        distributed.initialize_from_flags()
+    except ConfigError as e:
+        raise app.UsageError(str(e)) from e
 
     runs = list(
         grid(
@@ -182,7 +194,7 @@ def main(argv: list[str]) -> None:
         print(f"sweep stopped by {signal.Signals(signum).name}; rerun to continue where it stopped:\n"
               f"  {shlex.join([sys.executable, '-m', 'scripts.sweep', *sys.argv[1:]])}", file=run_utils.console())
         sys.exit(128 + signum)
-    except (AdapterJaxError, WriteFailed) as e:
+    except (AdapterJaxError, PeerLost, WriteFailed) as e:
         print(f"error: {e}", file=run_utils.console())
         sys.exit(2 if isinstance(e, AdapterJaxError) else 1)
     if jax.process_index() != 0:

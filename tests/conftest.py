@@ -5,6 +5,10 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
 import pathlib
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -105,3 +109,61 @@ def tiny_config(tiny_model_dir, tiny_glue_dir):
     config.log_every_steps = 1
     config.checkpoint_every_steps = 4
     return config
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS's choice)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+GCS_BUCKET = "adapter-jax-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator() -> dict[str, str]:
+    """A real Cloud Storage emulator (gcp-storage-emulator, in memory) holding the empty bucket GCS_BUCKET;
+    returns the environment that points gcsfs (so epath) and tensorstore (so orbax) at it, anonymously.
+    It runs through tests/gcs_emulator.py, which adds the generation headers real Cloud Storage sends with a
+    download and tensorstore needs (see there)."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "tests" / "gcs_emulator.py"), "start", "--host=localhost", f"--port={port}", "--in-memory",
+         f"--default-bucket={GCS_BUCKET}", "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("localhost", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                pytest.fail(f"the Cloud Storage emulator did not start (exit status {server.poll()})")
+            time.sleep(0.1)
+    url = f"http://localhost:{port}"
+    yield {
+        "STORAGE_EMULATOR_HOST": url,  # gcsfs and google-cloud-storage (TensorBoard's events)
+        "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore, which writes orbax's arrays
+        "FSSPEC_GCS_TOKEN": "anon",  # fsspec's default for gcsfs(token=...): no credentials to look for
+        # gcsfs would first ask the bucket's layout over gRPC, which the emulator does not serve (a minute's timeout).
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    }
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture
+def gcs_env(gcs_emulator, monkeypatch) -> dict[str, str]:
+    """gcs_emulator's environment, set in this process too (the test reads the bucket through epath); pass it to
+    the subprocesses."""
+    import fsspec.config
+
+    for key, value in gcs_emulator.items():
+        monkeypatch.setenv(key, value)
+    # fsspec read FSSPEC_* when it was imported. No listings cache: this process watches a bucket that others
+    # write, and gcsfs would keep answering a folder's first listing (it forgets one only on its own writes).
+    monkeypatch.setitem(fsspec.config.conf, "gcs", {"token": "anon", "use_listings_cache": False})
+    return gcs_emulator

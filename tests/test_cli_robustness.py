@@ -29,9 +29,18 @@ RUN = {
 # Wraps an entry point (argv[1]: a module) with faults chosen by environment variables:
 # SLOW_STEPS (seconds per training batch), KILL_ON_TRUNCATE (SIGKILL right after metrics.jsonl is opened
 # for rewriting), FSIZE_LIMIT (bytes: larger files cannot be written, as on a full disk),
-# INTERRUPT_AFTER_SUBMISSION (Ctrl-C right after a submission file is written).
+# INTERRUPT_AFTER_SUBMISSION (Ctrl-C right after a submission file is written); WRITES_LOG (not a fault: the
+# file where each path the process opens for writing, or renames into place, is recorded).
 FAULTY = r"""
 import builtins, os, resource, runpy, signal, sys, time
+if os.environ.get("WRITES_LOG"):
+    writes = open(os.environ["WRITES_LOG"], "a", buffering=1)
+    def record(event, args):
+        if event == "open" and isinstance(args[0], str) and isinstance(args[1], str) and set(args[1]) & set("wax+"):
+            writes.write(args[0] + "\n")
+        elif event == "os.rename":
+            writes.write(os.fspath(args[1]) + "\n")
+    sys.addaudithook(record)
 if os.environ.get("SLOW_STEPS"):
     from adapter_jax import input_pipeline
     next_batch = input_pipeline.TrainIterator.__next__
@@ -77,9 +86,9 @@ def _run(command, cwd=REPO_ROOT, **faults) -> subprocess.CompletedProcess:
                           check=False)
 
 
-def _start(command, log_path, **faults) -> subprocess.Popen:
+def _start(command, log_path, cwd=REPO_ROOT, **faults) -> subprocess.Popen:
     with open(log_path, "w") as log:  # a pipe nobody reads while the test polls would fill and stall the run
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(**faults), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=cwd, env=_env(**faults), stdout=log, stderr=subprocess.STDOUT)
     process.log_path = log_path
     return process
 

@@ -1,0 +1,56 @@
+"""A gs:// workdir end to end, against a real Cloud Storage emulator (conftest.gcs_emulator): what a Cloud TPU user
+runs, through the real entry points, with no file on local disk where the bucket is meant."""
+
+import re
+import signal
+import sys
+
+from etils import epath
+
+from adapter_jax import run_utils
+from tests.conftest import GCS_BUCKET
+from tests.test_cli_robustness import RUN, _command, _run, _start, _wait_for
+
+GRID = ["--modes=adapters", "--learning_rates=0.01", "--epochs=1", "--adapter_sizes=8", "--seeds=0"]
+
+
+def test_a_bucket_workdir_trains_resumes_predicts_and_reports(
+    gcs_env, tiny_model_dir, tiny_glue_dir, tmp_path
+):
+    sweep_dir = f"gs://{GCS_BUCKET}/{tmp_path.name}/sweep"
+    # The sweep's run of GRID, trained by the main entry point as the sweep would (and then skipped by it).
+    workdir = epath.Path(f"{sweep_dir}/adapters-m8-lr0.01-ep1-seed0")
+    run = {**RUN, "num_train_steps": 6, "learning_rate": 0.01, "num_epochs": 1}
+    train = _command("adapter_jax.main", workdir, tiny_model_dir, tiny_glue_dir, run=run)
+    # Every process runs from tmp_path: a gs:// path taken for a local one would appear there as gs:/ or gs/.
+    process = _start(train, tmp_path / "train.log", cwd=tmp_path, SLOW_STEPS=0.5, **gcs_env)
+    checkpoints = workdir / "checkpoints"
+    _wait_for(lambda: checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()), process)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, process.log_path.read_text()
+
+    resumed = _run(train, cwd=tmp_path, **gcs_env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert re.search(r"Resumed from gs://.* at step [1-5]\.", resumed.stderr), resumed.stderr
+    predicted = _run([*train, "--mode=predict"], cwd=tmp_path, **gcs_env)
+    assert predicted.returncode == 0, predicted.stderr
+    sweep = _run(_command("scripts.sweep", sweep_dir, tiny_model_dir, tiny_glue_dir, *GRID, run=run), cwd=tmp_path,
+                 **gcs_env)
+    assert sweep.returncode == 0, sweep.stderr
+    report = _run([sys.executable, "-m", "scripts.report", f"--results={sweep_dir}/results.jsonl",
+                   f"--out_dir={sweep_dir}/report", f"--submission_dir={sweep_dir}/upload"], cwd=tmp_path,
+                  **gcs_env)
+    assert report.returncode == 0, report.stderr
+
+    steps = [r["step"] for r in run_utils.read_metrics(workdir) if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the steps logged after the SIGTERM's checkpoint are not repeated
+    assert "6" in [p.name for p in checkpoints.iterdir()]
+    for name in ("export/adapters.safetensors", "summary.json", "submission/RTE.tsv", "submission/complete.json"):
+        assert (workdir / name).exists(), name
+    sweep_path = epath.Path(sweep_dir)
+    for name in ("results.jsonl", "best.json", "report/report.md", "upload/RTE.tsv"):
+        assert (sweep_path / name).exists(), name
+    assert (sweep_path / "upload" / "RTE.tsv").read_text() == (workdir / "submission" / "RTE.tsv").read_text()
+    assert not (workdir / run_utils.LOCK_FILE).exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["train.log"]

@@ -1,0 +1,118 @@
+"""Multi-process runs: the start-up flags, and an emulated pod (two processes of 2 fake CPU devices each, JAX's
+gloo CPU collectives) running the real sweep into one shared workdir: a local folder, and a bucket of the Cloud
+Storage emulator (conftest.gcs_emulator), as on a Cloud TPU pod."""
+
+import collections
+import re
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import safetensors.numpy
+from etils import epath
+
+from adapter_jax import distributed, run_utils
+from adapter_jax.errors import ConfigError
+from tests.conftest import GCS_BUCKET, free_port
+from tests.test_cli_robustness import RUN, _command, _start, _wait_for
+
+GRID = ["--modes=adapters", "--learning_rates=0.01", "--epochs=1", "--adapter_sizes=8", "--seeds=0"]
+RUN_DIR = "adapters-m8-lr0.01-ep1-seed0"
+# Files of the run that orbax writes (every process calls its saves), or that are each process's own (its log, a
+# temporary file, the probe of write access).
+PER_PROCESS = re.compile(r"/checkpoints/|/logs/|\.tmp-|\.probe-")
+
+
+def test_the_start_up_flags_come_together_or_not_at_all():
+    with pytest.raises(ConfigError, match="--coordinator_address, --process_id missing"):
+        distributed.initialize(None, 2, None)
+    with pytest.raises(ConfigError, match="--process_id=2 must be below --num_processes=2"):
+        distributed.initialize("localhost:1", 2, 2)
+    distributed.initialize(None, None, None)  # no flags, not a Cloud TPU VM: one process, nothing started
+    assert not jax.distributed.is_initialized()
+
+
+def _pod(workdir, model_dir, glue_dir, logs, run=RUN, **faults):
+    """The sweep as two processes of one run, each with 2 fake CPU devices, run from `logs`; each records the
+    local files it writes."""
+    command = _command("scripts.sweep", workdir, model_dir, glue_dir, *GRID, run=run)
+    address = f"--coordinator_address=localhost:{free_port()}"
+    return [
+        _start([*command, address, "--num_processes=2", f"--process_id={index}"], logs / f"process{index}.log",
+               cwd=logs, WRITES_LOG=logs / f"process{index}.writes", **faults)
+        for index in range(2)
+    ]
+
+
+def _written(writes_log, workdir) -> collections.Counter:
+    """How often each of the run's shared files (not orbax's, not a log) was written by one process."""
+    lines = writes_log.read_text().splitlines() if writes_log.exists() else []
+    return collections.Counter(
+        line for line in lines if line.startswith(f"{workdir}/") and not PER_PROCESS.search(line)
+    )
+
+
+def test_a_two_process_sweep_equals_one_process_over_as_many_devices_and_process_0_writes(
+    tiny_model_dir, tiny_glue_dir, tmp_path
+):
+    pod = _pod(tmp_path / "pod", tiny_model_dir, tiny_glue_dir, tmp_path)
+    single = _start(_command("scripts.sweep", tmp_path / "single", tiny_model_dir, tiny_glue_dir, *GRID),
+                    tmp_path / "single.log", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    for process in [*pod, single]:
+        process.wait(timeout=600)
+        assert process.returncode == 0, process.log_path.read_text()
+
+    exported = [safetensors.numpy.load_file(tmp_path / name / RUN_DIR / "export" / "adapters.safetensors")
+                for name in ("pod", "single")]
+    assert sorted(exported[0]) == sorted(exported[1])
+    for name, value in exported[0].items():
+        np.testing.assert_allclose(value, exported[1][name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+    assert _written(tmp_path / "process1.writes", tmp_path / "pod") == {}
+    written = _written(tmp_path / "process0.writes", tmp_path / "pod")
+    run = tmp_path / "pod" / RUN_DIR
+    for once in ("export/adapters.safetensors", "summary.json", "config.json", "submission/RTE.tsv",
+                 "submission/complete.json"):
+        assert written[str(run / once)] == 1, (once, written)
+    assert written[str(tmp_path / "pod" / "best.json")] == 1 and written[str(tmp_path / "pod" / "results.jsonl")]
+
+
+def test_when_a_process_of_a_pod_dies_the_other_stops_with_an_error_and_both_resume_on_a_bucket(
+    gcs_env, tiny_model_dir, tiny_glue_dir, tmp_path
+):
+    """The pod's shared workdir is gs://: orbax's multi-process saves, process 0's files and the resume all go
+    through the emulated bucket."""
+    sweep_dir = epath.Path(f"gs://{GCS_BUCKET}/{tmp_path.name}/pod")
+    run = {**RUN, "num_train_steps": 8}
+    pod = _pod(sweep_dir, tiny_model_dir, tiny_glue_dir, tmp_path, run=run, SLOW_STEPS=0.5, **gcs_env)
+    step_2 = sweep_dir / RUN_DIR / "checkpoints" / "2"
+    # On a bucket orbax writes a step's folder in place and marks it done last (commit_success.txt); a kill
+    # before that leaves a step that a resume rightly ignores.
+    _wait_for(lambda: step_2.exists() and ocp.step.is_checkpoint_finalized(step_2), pod[0])
+    pod[1].kill()
+    killed = time.time()
+    pod[0].wait(timeout=300)
+    output = pod[0].log_path.read_text()
+    assert pod[0].returncode not in (0, None), output
+    assert time.time() - killed < distributed.HEARTBEAT_TIMEOUT_S + 30, output
+    # JAX's coordination service ends the survivor, naming the cause, once the dead one misses its heartbeats.
+    assert "another task died" in output and "stopped sending heartbeats" in output, output
+
+    (tmp_path / "rerun").mkdir()
+    rerun = _pod(sweep_dir, tiny_model_dir, tiny_glue_dir, tmp_path / "rerun", run=run, **gcs_env)
+    for process in rerun:
+        process.wait(timeout=600)
+        assert process.returncode == 0, process.log_path.read_text()
+    assert re.search(r"Resumed from gs://.* at step [2-7]\.", rerun[0].log_path.read_text())
+
+    workdir = sweep_dir / RUN_DIR
+    steps = [r["step"] for r in run_utils.read_metrics(workdir) if "train/loss" in r]
+    assert steps == list(range(1, 9))  # the steps logged after the last checkpoint are not repeated
+    for name in ("export/adapters.safetensors", "summary.json", "submission/RTE.tsv", "submission/complete.json"):
+        assert (workdir / name).exists(), name
+    assert (sweep_dir / "best.json").exists() and (sweep_dir / "results.jsonl").exists()
+    assert not (workdir / run_utils.LOCK_FILE).exists()
+    local = {p.name for p in [*tmp_path.iterdir(), *(tmp_path / "rerun").iterdir()]}
+    assert not local & {"gs:", "gs"}, local  # a gs:// path taken for a local one would appear there
