@@ -35,6 +35,7 @@ import time
 from absl import app, flags
 
 from adapter_jax import run_utils, tasks
+from configs import glue
 from scripts import peer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -155,7 +156,6 @@ def fixed_shape_step(mode: str, num_batches: int):
     import jax
 
     from adapter_jax import experiment, input_pipeline, optim, steps
-    from configs import glue
 
     config = glue.get_config("rte")
     config.glue_dir = FLAGS.glue_dir
@@ -216,7 +216,6 @@ def measure_epoch(task_name: str, packing: bool) -> dict:
     import jax
 
     from adapter_jax import evaluation, experiment, input_pipeline, optim, steps
-    from configs import glue
 
     config = glue.get_config(task_name)
     config.glue_dir = FLAGS.glue_dir
@@ -334,7 +333,8 @@ def _print_steps(ours: dict, theirs: dict, peak: float) -> None:
 def _run_peer_epoch(task: tasks.Task, scratch: pathlib.Path) -> dict:
     data_dir = peer.subset_folder(task, FLAGS.glue_dir, FLAGS.epoch_train_examples, scratch)
     return peer.run(peer.peer_command(
-        python=_peer_python(), task=task.name, data_dir=data_dir, full=False, learning_rate=3e-3, epochs=1,
+        python=_peer_python(), task=task.name, data_dir=data_dir, full=False, epochs=1,
+        learning_rate=glue.get_config(task.name).learning_rate,  # ours, so that the dev scores compare too
         adapter_size=FLAGS.adapter_size, batch_size=FLAGS.batch_size, max_seq_length=FLAGS.seq_length,
         pad="longest",
     ))
