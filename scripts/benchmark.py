@@ -21,7 +21,9 @@ environment (made by its setup.sh) is missing. Run on a quiet machine: figures a
 within one run.
 """
 
+import itertools
 import json
+import math
 import os
 import pathlib
 import platform
@@ -31,7 +33,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
+import ml_collections
 from absl import app, flags
 
 from adapter_jax import run_utils, tasks
@@ -130,13 +135,8 @@ def dot_flops(lines: list[str], instructions: dict[str, tuple[str, str]]) -> flo
         lhs_name = re.match(r"%?([\w.\-]+)", match.group(4)).group(1)
         lhs = _shape(instructions[lhs_name][0])
         contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1)
-        depth = 1
-        for dim in contracted.split(","):
-            depth *= lhs[int(dim)]
-        out = 1
-        for dim in _shape(match.group(2)):
-            out *= dim
-        flops += 2.0 * out * depth
+        depth = math.prod(lhs[int(dim)] for dim in contracted.split(","))
+        flops += 2.0 * math.prod(_shape(match.group(2))) * depth
     return flops
 
 
@@ -150,33 +150,57 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def fixed_shape_step(mode: str, num_batches: int):
-    """(the compiled training step, its state, the frozen weights, real RTE batches, the parameter summary) at
-    fixed shapes; like training, it keeps no host copy of the frozen weights once they are on the devices."""
+def _config(task_name: str) -> ml_collections.ConfigDict:
+    """The task's default config at the benchmark's batch size, length, adapter size and GLUE folder."""
+    config = glue.get_config(task_name)
+    config.glue_dir = FLAGS.glue_dir
+    config.adapter_size = FLAGS.adapter_size
+    config.max_seq_length = FLAGS.seq_length
+    config.global_batch_size = FLAGS.batch_size
+    return config
+
+
+class _Training(NamedTuple):
+    setup: Any  # experiment.Experiment
+    tokenizer: Any
+    batches: Iterator[dict]  # the train split's, endless
+    p_step: Callable
+    p_state: Any
+    p_frozen: Any
+
+
+def _training(config: ml_collections.ConfigDict, total_steps: int | None = None) -> _Training:
+    """What a training run of `config` steps with, as train.py builds it; the learning-rate schedule spans
+    `total_steps` (one epoch by default)."""
     import jax
 
     from adapter_jax import experiment, input_pipeline, optim, steps
 
-    config = glue.get_config("rte")
-    config.glue_dir = FLAGS.glue_dir
-    config.mode = mode
-    config.adapter_size = FLAGS.adapter_size
-    config.max_seq_length = FLAGS.seq_length
-    config.buckets = (FLAGS.seq_length,)  # time the full length, as the task asks
-    config.global_batch_size = FLAGS.batch_size
     setup = experiment.build(config)
     tokenizer = input_pipeline.load_tokenizer(setup.model_dir)
-    dataset = experiment.load_dataset(config, setup.task, "train", tokenizer)
     iterator = input_pipeline.TrainIterator(
-        dataset, global_batch_size=FLAGS.batch_size, num_devices=jax.local_device_count(), seed=0,
-        buckets=tuple(config.buckets),
+        experiment.load_dataset(config, setup.task, "train", tokenizer),
+        global_batch_size=config.global_batch_size, num_devices=jax.local_device_count(), seed=0,
+        buckets=tuple(config.buckets), packing=config.packing,
     )
-    tx = optim.create_optimizer(learning_rate=config.learning_rate, total_steps=1000)
-    p_step = steps.pmapped_train_step(setup.model, tx, setup.task.is_regression)
-    p_state = steps.replicate(steps.initial_state(setup.trainable_params, tx, seed=0))
-    p_frozen = steps.replicate(setup.frozen_params)
-    batches = [next(iterator) for _ in range(num_batches)]
-    return p_step.lower(p_state, p_frozen, batches[0]).compile(), p_state, p_frozen, batches, setup.parameter_summary()
+    tx = optim.create_optimizer(learning_rate=config.learning_rate, total_steps=total_steps or iterator.steps_per_epoch)
+    return _Training(
+        setup, tokenizer, iterator, steps.pmapped_train_step(setup.model, tx, setup.task.is_regression),
+        steps.replicate(steps.initial_state(setup.trainable_params, tx, seed=0)), steps.replicate(setup.frozen_params),
+    )
+
+
+def fixed_shape_step(mode: str, num_batches: int):
+    """(the compiled training step, its state, the frozen weights, real RTE batches, the parameter summary) at
+    fixed shapes; like training, it keeps no host copy of the frozen weights once they are on the devices."""
+    config = _config("rte")
+    config.mode = mode
+    config.packing = False
+    config.buckets = (FLAGS.seq_length,)  # time the full length, as the task asks
+    training = _training(config, total_steps=1000)
+    batches = list(itertools.islice(training.batches, num_batches))
+    compiled_step = training.p_step.lower(training.p_state, training.p_frozen, batches[0]).compile()
+    return compiled_step, training.p_state, training.p_frozen, batches, training.setup.parameter_summary()
 
 
 def measure(mode: str) -> dict:
@@ -211,33 +235,17 @@ def measure(mode: str) -> dict:
 
 def measure_epoch(task_name: str, packing: bool) -> dict:
     """Seconds of one training epoch of adapters (compilations included) and of dev evaluation, in this process."""
-    import itertools
-
     import jax
 
-    from adapter_jax import evaluation, experiment, input_pipeline, optim, steps
+    from adapter_jax import evaluation, experiment, input_pipeline
 
-    config = glue.get_config(task_name)
-    config.glue_dir = FLAGS.glue_dir
-    config.adapter_size = FLAGS.adapter_size
-    config.max_seq_length = FLAGS.seq_length
-    config.global_batch_size = FLAGS.batch_size
+    config = _config(task_name)
     config.max_train_examples = FLAGS.epoch_train_examples
     config.packing = packing
-    setup = experiment.build(config)
-    tokenizer = input_pipeline.load_tokenizer(setup.model_dir)
-    train_data = experiment.load_dataset(config, setup.task, "train", tokenizer)
+    setup, tokenizer, iterator, p_step, p_state, p_frozen = _training(config)
     dev_data = {split: experiment.load_dataset(config, setup.task, split, tokenizer) for split in setup.task.dev_splits}
-    iterator = input_pipeline.TrainIterator(
-        train_data, global_batch_size=config.global_batch_size, num_devices=jax.local_device_count(), seed=0,
-        buckets=tuple(config.buckets), packing=packing,
-    )
     batches = list(itertools.islice(iterator, iterator.steps_per_epoch))  # made before the clock starts
     stats = input_pipeline.batch_stats(batches)
-    tx = optim.create_optimizer(learning_rate=config.learning_rate, total_steps=len(batches))
-    p_step = steps.pmapped_train_step(setup.model, tx, setup.task.is_regression)
-    p_state = steps.replicate(steps.initial_state(setup.trainable_params, tx, seed=0))
-    p_frozen = steps.replicate(setup.frozen_params)
     evaluator = evaluation.Evaluator(setup, config)
     start = time.perf_counter()
     for batch in batches:
