@@ -171,10 +171,15 @@ class BertConfig:
         return dataclasses.asdict(self)
 
 
+def _weight_init(config: BertConfig) -> jax.nn.initializers.Initializer:
+    """BERT's initialisation of every kernel and embedding table (biases start at zero)."""
+    return jax.nn.initializers.normal(config.initializer_range)
+
+
 def _dense(features: int, config: BertConfig, dtype: jnp.dtype, name: str) -> nn.Dense:
     return nn.Dense(
         features,
-        kernel_init=jax.nn.initializers.normal(config.initializer_range),
+        kernel_init=_weight_init(config),
         bias_init=jax.nn.initializers.zeros,
         dtype=dtype,
         param_dtype=jnp.float32,
@@ -190,8 +195,7 @@ class _DenseParams(nn.Module):
 
     @nn.compact
     def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
-        kernel_init = jax.nn.initializers.normal(self.config.initializer_range)
-        kernel = self.param("kernel", kernel_init, (in_features, self.features), jnp.float32)
+        kernel = self.param("kernel", _weight_init(self.config), (in_features, self.features), jnp.float32)
         bias = self.param("bias", jax.nn.initializers.zeros, (self.features,), jnp.float32)
         return kernel, bias
 
@@ -226,7 +230,7 @@ class BertEmbeddings(nn.Module):
             return nn.Embed(
                 num,
                 config.hidden_size,
-                embedding_init=jax.nn.initializers.normal(config.initializer_range),
+                embedding_init=_weight_init(config),
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
                 name=name,
