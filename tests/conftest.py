@@ -1,5 +1,6 @@
 """Shared fixtures. Two fake CPU devices are set up before JAX starts, so pmap tests can shard."""
 
+import dataclasses
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
@@ -121,36 +122,61 @@ def free_port() -> int:
 GCS_BUCKET = "adapter-jax-test"
 
 
-@pytest.fixture(scope="session")
-def gcs_emulator() -> dict[str, str]:
-    """A real Cloud Storage emulator (gcp-storage-emulator, in memory) holding the empty bucket GCS_BUCKET;
-    returns the environment that points gcsfs (so epath) and tensorstore (so orbax) at it, anonymously.
-    It runs through tests/gcs_emulator.py, which adds the generation headers real Cloud Storage sends with a
-    download and tensorstore needs (see there)."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "tests" / "gcs_emulator.py"), "start", "--host=localhost", f"--port={port}", "--in-memory",
-         f"--default-bucket={GCS_BUCKET}", "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 60
-    while True:
-        try:
-            socket.create_connection(("localhost", port), timeout=1).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                server.kill()
-                pytest.fail(f"the Cloud Storage emulator did not start (exit status {server.poll()})")
-            time.sleep(0.1)
-    url = f"http://localhost:{port}"
-    yield {
+def _environment(url: str) -> dict[str, str]:
+    return {
         "STORAGE_EMULATOR_HOST": url,  # gcsfs and google-cloud-storage (TensorBoard's events)
         "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore, which writes orbax's arrays
         "FSSPEC_GCS_TOKEN": "anon",  # fsspec's default for gcsfs(token=...): no credentials to look for
         # gcsfs would first ask the bucket's layout over gRPC, which the emulator does not serve (a minute's timeout).
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class GcsEmulator:
+    """A running emulator: `env` points gcsfs (so epath), google-cloud-storage and tensorstore (so orbax) at it,
+    anonymously; `client_env(i)` does the same through client port i, whose writes `written_by(i)` lists."""
+
+    env: dict[str, str]
+    client_ports: tuple[int, ...]
+    writes_log: pathlib.Path
+
+    def client_env(self, client: int) -> dict[str, str]:
+        return _environment(f"http://localhost:{self.client_ports[client]}")
+
+    def written_by(self, client: int) -> list[str]:
+        """The gs:// path of each object created through client port `client`, as often as it was created."""
+        lines = self.writes_log.read_text().splitlines() if self.writes_log.exists() else []
+        port = str(self.client_ports[client])
+        return [f"gs://{line.split(' ', 1)[1]}" for line in lines if line.split(" ", 1)[0] == port]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory) -> GcsEmulator:
+    """A real Cloud Storage emulator (gcp-storage-emulator, in memory) holding the empty bucket GCS_BUCKET, with
+    two client ports for the processes of an emulated pod. It runs through tests/gcs_emulator.py, which adds the
+    generation headers real Cloud Storage sends with a download and tensorstore needs, and records who wrote what
+    (see there)."""
+    ports = [free_port() for _ in range(3)]
+    writes_log = tmp_path_factory.mktemp("gcs") / "writes.log"
+    server = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "tests" / "gcs_emulator.py"), "start", "--host=localhost",
+         f"--port={ports[0]}", f"--client-ports={ports[1]},{ports[2]}", f"--writes-log={writes_log}", "--in-memory",
+         f"--default-bucket={GCS_BUCKET}", "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 60
+    for port in ports:
+        while True:
+            try:
+                socket.create_connection(("localhost", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    server.kill()
+                    pytest.fail(f"the Cloud Storage emulator did not start (exit status {server.poll()})")
+                time.sleep(0.1)
+    yield GcsEmulator(_environment(f"http://localhost:{ports[0]}"), tuple(ports[1:]), writes_log)
     server.terminate()
     server.wait(timeout=30)
 
@@ -161,9 +187,9 @@ def gcs_env(gcs_emulator, monkeypatch) -> dict[str, str]:
     the subprocesses."""
     import fsspec.config
 
-    for key, value in gcs_emulator.items():
+    for key, value in gcs_emulator.env.items():
         monkeypatch.setenv(key, value)
     # fsspec read FSSPEC_* when it was imported. No listings cache: this process watches a bucket that others
     # write, and gcsfs would keep answering a folder's first listing (it forgets one only on its own writes).
     monkeypatch.setitem(fsspec.config.conf, "gcs", {"token": "anon", "use_listings_cache": False})
-    return gcs_emulator
+    return gcs_emulator.env

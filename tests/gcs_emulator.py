@@ -14,15 +14,24 @@ what real Cloud Storage does and what the clients the project uses rely on.
 Its other gaps are left as they are; the one that matters here: preconditions (`ifGenerationMatch`,
 `ifGenerationNotMatch`) are ignored, which only one writer per object (as in these tests) does not notice.
 
-Run as a script: `python tests/gcs_emulator.py start --port=... --in-memory ...`.
+And one instrument, for tests that must know who wrote what (one writer per file on a pod), whichever client
+library wrote it (gcsfs, google-cloud-storage, tensorstore): `--client-ports=P,Q` serves the same bucket on more
+ports, one per client process, and `--writes-log=FILE` records each object created (by an upload, copy or move)
+as a line `<port the request came to> <bucket>/<object>`.
+
+Run as a script: `python tests/gcs_emulator.py start --port=... --in-memory ... [--client-ports=...]
+[--writes-log=...]`.
 """
 
+import argparse
 import functools
 import sys
+import threading
 from http import HTTPStatus
 
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
+from gcp_storage_emulator.storage import Storage
 
 
 def _with_generation_headers(download):
@@ -63,5 +72,47 @@ _MOVE_ROUTE = (rf"^{settings.API_ENDPOINT}/b/(?P<bucket_name>[-.\w]+)/o/(?P<obje
                r"(?P<dest_object_id>.*[^/]+)$")
 server.HANDLERS = ((_MOVE_ROUTE, {"POST": _move}), *server.HANDLERS)
 
+
+def _serve_client_ports(ports):
+    start = server.Server.start
+
+    def start_with_client_ports(self):
+        start(self)
+        for port in ports:
+            thread = server.APIThread(self._api._host, port, self._storage, daemon=True)
+            thread.start()
+            thread.is_running.wait()
+
+    server.Server.start = start_with_client_ports
+    # The emulator's store was written for one request at a time; its ports take turns.
+    one_at_a_time = threading.Lock()
+    handle = server.Router.handle
+
+    def handle_in_turn(self, method):
+        with one_at_a_time:
+            handle(self, method)
+
+    server.Router.handle = handle_in_turn
+
+
+def _record_writes(log_path):
+    create_file = Storage.create_file
+
+    def recorded(self, bucket_name, file_name, *args, **kwargs):
+        create_file(self, bucket_name, file_name, *args, **kwargs)
+        # Each port is served by a thread of its own (server.APIThread).
+        with open(log_path, "a") as log:
+            log.write(f"{threading.current_thread()._port} {bucket_name}/{file_name}\n")
+
+    Storage.create_file = recorded
+
+
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--client-ports", default="")
+    parser.add_argument("--writes-log")
+    ours, theirs = parser.parse_known_args()
+    _serve_client_ports([int(port) for port in ours.client_ports.split(",") if port])
+    if ours.writes_log:
+        _record_writes(ours.writes_log)
+    main(theirs)

@@ -34,49 +34,67 @@ def test_the_start_up_flags_come_together_or_not_at_all():
     assert not jax.distributed.is_initialized()
 
 
-def _pod(workdir, model_dir, glue_dir, logs, run=RUN, **faults):
+def _pod(workdir, model_dir, glue_dir, logs, run=RUN, process_envs=({}, {}), **faults):
     """The sweep as two processes of one run, each with 2 fake CPU devices, run from `logs`; each records the
-    local files it writes."""
+    local files it writes, and runs with its own `process_envs` entry."""
     command = _command("scripts.sweep", workdir, model_dir, glue_dir, *GRID, run=run)
     address = f"--coordinator_address=localhost:{free_port()}"
     return [
         _start([*command, address, "--num_processes=2", f"--process_id={index}"], logs / f"process{index}.log",
-               cwd=logs, WRITES_LOG=logs / f"process{index}.writes", **faults)
+               cwd=logs, WRITES_LOG=logs / f"process{index}.writes", **{**faults, **process_envs[index]})
         for index in range(2)
     ]
 
 
-def _written(writes_log, workdir) -> collections.Counter:
-    """How often each of the run's shared files (not orbax's, not a log) was written by one process."""
-    lines = writes_log.read_text().splitlines() if writes_log.exists() else []
-    return collections.Counter(
-        line for line in lines if line.startswith(f"{workdir}/") and not PER_PROCESS.search(line)
-    )
+def _shared_files_written(paths, workdir) -> collections.Counter:
+    """How often each of the run's shared files (not orbax's, not a log) is among `paths`, the files one process
+    wrote."""
+    return collections.Counter(path for path in paths if path.startswith(f"{workdir}/") and not PER_PROCESS.search(path))
 
 
+@pytest.mark.parametrize("where", ["local", "bucket"])
 def test_a_two_process_sweep_equals_one_process_over_as_many_devices_and_process_0_writes(
-    tiny_model_dir, tiny_glue_dir, tmp_path
+    where, request, tiny_model_dir, tiny_glue_dir, tmp_path
 ):
-    pod = _pod(tmp_path / "pod", tiny_model_dir, tiny_glue_dir, tmp_path)
+    """On the bucket each process talks to the emulator through a port of its own, which records the objects
+    created through it, whichever library (gcsfs, google-cloud-storage, tensorstore) wrote them."""
+    if where == "bucket":
+        emulator = request.getfixturevalue("gcs_emulator")
+        request.getfixturevalue("gcs_env")  # this process reads the export from the bucket
+        pod_dir = epath.Path(f"gs://{GCS_BUCKET}/{tmp_path.name}/pod")
+        process_envs = [emulator.client_env(index) for index in range(2)]
+    else:
+        pod_dir = epath.Path(tmp_path / "pod")
+        process_envs = [{}, {}]
+    pod = _pod(pod_dir, tiny_model_dir, tiny_glue_dir, tmp_path, process_envs=process_envs)
     single = _start(_command("scripts.sweep", tmp_path / "single", tiny_model_dir, tiny_glue_dir, *GRID),
                     tmp_path / "single.log", XLA_FLAGS="--xla_force_host_platform_device_count=4")
     for process in [*pod, single]:
         process.wait(timeout=600)
         assert process.returncode == 0, process.log_path.read_text()
 
-    exported = [safetensors.numpy.load_file(tmp_path / name / RUN_DIR / "export" / "adapters.safetensors")
-                for name in ("pod", "single")]
+    exported = [safetensors.numpy.load((workdir / RUN_DIR / "export" / "adapters.safetensors").read_bytes())
+                for workdir in (pod_dir, epath.Path(tmp_path / "single"))]
     assert sorted(exported[0]) == sorted(exported[1])
     for name, value in exported[0].items():
         np.testing.assert_allclose(value, exported[1][name], rtol=1e-5, atol=1e-6, err_msg=name)
 
-    assert _written(tmp_path / "process1.writes", tmp_path / "pod") == {}
-    written = _written(tmp_path / "process0.writes", tmp_path / "pod")
-    run = tmp_path / "pod" / RUN_DIR
+    local_writes = [(tmp_path / f"process{index}.writes").read_text().splitlines() for index in range(2)]
+    if where == "bucket":
+        assert not any(path.startswith(str(tmp_path / "pod")) for path in local_writes[0] + local_writes[1])
+        writes = [emulator.written_by(index) for index in range(2)]
+    else:
+        writes = local_writes
+    assert _shared_files_written(writes[1], pod_dir) == {}
+    written = _shared_files_written(writes[0], pod_dir)
+    run = pod_dir / RUN_DIR
     for once in ("export/adapters.safetensors", "summary.json", "config.json", "submission/RTE.tsv",
                  "submission/complete.json"):
         assert written[str(run / once)] == 1, (once, written)
-    assert written[str(tmp_path / "pod" / "best.json")] == 1 and written[str(tmp_path / "pod" / "results.jsonl")]
+    assert written[str(pod_dir / "best.json")] == 1 and written[str(pod_dir / "results.jsonl")]
+    # The record sees both processes: each probes its write access, and orbax's saves (tensorstore) show.
+    assert all(any(".probe-" in path for path in paths) for paths in writes), writes
+    assert any("/checkpoints/" in path for path in writes[0]), writes[0]
 
 
 def test_when_a_process_of_a_pod_dies_the_other_stops_with_an_error_and_both_resume_on_a_bucket(
