@@ -148,7 +148,8 @@ class GcsEmulator:
         """The gs:// path of each object created through client port `client`, as often as it was created."""
         lines = self.writes_log.read_text().splitlines() if self.writes_log.exists() else []
         port = str(self.client_ports[client])
-        return [f"gs://{line.split(' ', 1)[1]}" for line in lines if line.split(" ", 1)[0] == port]
+        records = (line.partition(" ") for line in lines)
+        return [f"gs://{name}" for line_port, _, name in records if line_port == port]
 
 
 @pytest.fixture(scope="session")
