@@ -342,7 +342,7 @@ def _run_peer_epoch(task: tasks.Task, scratch: pathlib.Path) -> dict:
     data_dir = peer.subset_folder(task, FLAGS.glue_dir, FLAGS.epoch_train_examples, scratch)
     return peer.run(peer.peer_command(
         python=_peer_python(), task=task.name, data_dir=data_dir, full=False, epochs=1,
-        learning_rate=glue.get_config(task.name).learning_rate,  # ours, so that the dev scores compare too
+        learning_rate=_config(task.name).learning_rate,  # ours, so that the dev scores compare too
         adapter_size=FLAGS.adapter_size, batch_size=FLAGS.batch_size, max_seq_length=FLAGS.seq_length,
         pad="longest",
     ))

@@ -12,6 +12,7 @@ by side count each, so the total can exceed the wall time a little.
 """
 
 import collections
+import glob
 import os
 import re
 import tempfile
@@ -29,10 +30,9 @@ flags.DEFINE_enum("mode", "adapters", ["adapters", "full"], "Which step to profi
 flags.DEFINE_integer("traced_steps", 3, "Steps traced after one untraced step.")
 flags.DEFINE_integer("top", 15, "Rows printed.")
 
+
 def operation_times(trace_dir: str) -> collections.Counter:
     """Nanoseconds per XLA operation name, summed over the XLA:CPU worker threads' events."""
-    import glob
-
     from jax.profiler import ProfileData
 
     path = max(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
