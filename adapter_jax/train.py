@@ -216,7 +216,8 @@ def _train_and_evaluate(
             if step % config.log_every_steps == 0 or step == total_steps:
                 scalars = {
                     "train/loss": step_metrics.window_loss(),
-                    "train/learning_rate": float(schedule(step)),
+                    # The update that made `step` ran at optax's count step - 1 (it counts from 0).
+                    "train/learning_rate": float(schedule(step - 1)),
                     "train/examples_per_second": window_steps * config.global_batch_size / (time.time() - window_start),
                     "train/skipped_steps": progress.skipped_steps,
                 }

@@ -22,6 +22,7 @@ from adapter_jax import (
     export,
     input_pipeline,
     optim,
+    run_utils,
     steps,
     train,
     trainable,
@@ -199,6 +200,16 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path):
     a, b = _final_checkpoint_params(tmp_path / "a"), _final_checkpoint_params(interrupted_dir)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_logged_learning_rate_is_the_one_each_step_used(tiny_config, tmp_path):
+    """The update that made step s used schedule(s - 1): optax counts its updates from 0."""
+    tiny_config.num_epochs = 1  # 8 steps, each logged
+    train.train_and_evaluate(tiny_config, tmp_path)
+    schedule = optim.learning_rate_schedule(tiny_config.learning_rate, 8, tiny_config.warmup_fraction)
+    logged = {line["step"]: line["train/learning_rate"] for line in run_utils.read_metrics(tmp_path)
+              if "train/learning_rate" in line}
+    assert logged == {step: pytest.approx(float(schedule(step - 1))) for step in range(1, 9)}
 
 
 def test_predict_writes_submission_from_export(tiny_config, tmp_path):
