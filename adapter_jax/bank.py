@@ -29,7 +29,7 @@ from etils import epath
 from flax import traverse_util
 
 from adapter_jax import experiment as experiment_lib
-from adapter_jax import export, input_pipeline, tasks, trainable, weights
+from adapter_jax import export, glue_data, input_pipeline, tasks, trainable, weights
 from adapter_jax.adapters import AdapterConfig
 from adapter_jax.errors import CheckpointError, ConfigError
 from adapter_jax.modeling import BertForSequenceClassification
@@ -213,7 +213,7 @@ class AdapterBank:
         self.slot(name)  # an unknown name raises ConfigError, listing the loaded ones
         del self._tasks[name]
 
-    def tokenize(self, name: str, examples: Sequence[input_pipeline.Example]) -> input_pipeline.TokenizedDataset:
+    def tokenize(self, name: str, examples: Sequence[glue_data.Example]) -> input_pipeline.TokenizedDataset:
         """`examples` tokenized as `name`'s task was trained: its columns and its max_seq_length."""
         slot = self.slot(name)
         return input_pipeline.tokenize(slot.task, examples, self.tokenizer, slot.max_seq_length)

@@ -37,20 +37,12 @@ class Evaluator:
     def __init__(self, experiment: experiment_lib.Experiment, config: ml_collections.ConfigDict):
         self._p_eval_step = steps.pmapped_eval_step(experiment.model)
         self._num_labels = experiment.task.num_labels
-        self._eval_batch_size = config.eval_batch_size
-        self._buckets = tuple(config.buckets)
-        self._packing = config.packing
+        self._layout = input_pipeline.Layout.from_config(config)
 
     def logits(self, trainable_params: Any, frozen_params: Any, dataset: input_pipeline.TokenizedDataset) -> np.ndarray:
         """Logits [examples, num_labels] for every example of `dataset`, in dataset order, on every host."""
         outputs = np.zeros((len(dataset), self._num_labels), np.float32)
-        for batch in input_pipeline.eval_batches(
-            dataset,
-            global_batch_size=self._eval_batch_size,
-            num_devices=jax.local_device_count(),
-            buckets=self._buckets,
-            packing=self._packing,
-        ):
+        for batch in input_pipeline.eval_batches(dataset, self._layout):
             logits = np.asarray(self._p_eval_step(trainable_params, frozen_params, batch))
             rows, weight = batch["idx"], batch["weight"]
             if jax.process_count() > 1:  # each host scored its slice of the batch; every host needs all rows
@@ -109,7 +101,7 @@ def _predict(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str
     evaluator = Evaluator(experiment, config)
     params = steps.replicate(experiment.trainable_params)
     frozen = steps.replicate(experiment.frozen_params)
-    dev_data = {split: experiment_lib.load_dataset(config, task, split, tokenizer) for split in task.dev_splits}
+    dev_data = experiment_lib.load_dev_datasets(config, task, tokenizer)
     dev_results = evaluator.evaluate(params, frozen, dev_data, task)
     files = []
     for predicted_task in tasks.prediction_tasks(task):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from adapter_jax import input_pipeline, tasks, trainable, weights
+from adapter_jax import glue_data, input_pipeline, tasks, trainable, weights
 from adapter_jax.adapters import AdapterConfig
 from adapter_jax.modeling import BertConfig, BertForSequenceClassification
 
@@ -96,7 +96,7 @@ def load_dataset(
     config: ml_collections.ConfigDict, task: tasks.Task, split: str, tokenizer
 ) -> input_pipeline.TokenizedDataset:
     """One split of `task`, tokenized; the train split cut to config.max_train_examples if set."""
-    examples = input_pipeline.read_examples(
+    examples = glue_data.read_examples(
         task,
         split,
         glue_dir=config.glue_dir,
@@ -104,5 +104,12 @@ def load_dataset(
         tfds_data_dir=config.tfds_data_dir or None,
     )
     if split == "train" and 0 < config.max_train_examples < len(examples):
-        examples = [examples[i] for i in input_pipeline.train_subset_indices(len(examples), config.max_train_examples)]
+        examples = [examples[i] for i in glue_data.train_subset_indices(len(examples), config.max_train_examples)]
     return input_pipeline.tokenize(task, examples, tokenizer, config.max_seq_length)
+
+
+def load_dev_datasets(
+    config: ml_collections.ConfigDict, task: tasks.Task, tokenizer
+) -> dict[str, input_pipeline.TokenizedDataset]:
+    """Every dev split of `task` (MNLI: matched and mismatched), tokenized, by split name."""
+    return {split: load_dataset(config, task, split, tokenizer) for split in task.dev_splits}

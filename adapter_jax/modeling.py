@@ -370,7 +370,7 @@ class BertPooler(nn.Module):
         return jnp.tanh(_dense(self.config.hidden_size, self.config, self.dtype, "dense")(cls_states))
 
 
-def _attention_bias(attention_mask: jax.Array, packed: bool) -> jax.Array:
+def _attention_bias(segment_ids: jax.Array, packed: bool) -> jax.Array:
     """The additive attention bias: 0 where a query may attend to a key, float32's min elsewhere.
 
     A large negative score, not -inf, gives masked keys zero weight while a query with nothing to
@@ -378,20 +378,20 @@ def _attention_bias(attention_mask: jax.Array, packed: bool) -> jax.Array:
     """
     if not packed:
         # One example per row: every query sees the row's tokens. Shape [B, heads=1, queries=1, L].
-        allowed = attention_mask[:, None, None, :] > 0
+        allowed = segment_ids[:, None, None, :] > 0
     else:
         # Block-diagonal: a query sees the tokens of its own segment only. Shape [B, 1, L, L].
-        same_segment = attention_mask[:, :, None] == attention_mask[:, None, :]
-        allowed = (same_segment & (attention_mask[:, None, :] > 0))[:, None]
+        same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+        allowed = (same_segment & (segment_ids[:, None, :] > 0))[:, None]
     return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
 
 
 class BertModel(nn.Module):
     """BERT embeddings + encoder + pooler. Returns (sequence_output [B, L, d], pooled_output [examples, d]).
 
-    attention_mask [B, L] is 0 at padding and otherwise says which example (segment) of its row a
-    token belongs to; a token attends to its own segment only. Unpacked rows hold one example each
-    (the usual 1/0 mask) and are pooled from their first token: pooled_output is [B, d].
+    segment_ids [B, L] is 0 at padding and otherwise says which example (segment) of its row a token
+    belongs to; a token attends to its own segment only. Unpacked rows hold one example each (segment
+    ids 1/0: HF's attention mask) and are pooled from their first token: pooled_output is [B, d].
 
     Packed rows (several examples per row) also need `position_ids` [B, L], each token's position in
     its own example, and `cls_index` [examples], the flat index (row * L + column) of each example's
@@ -407,7 +407,7 @@ class BertModel(nn.Module):
         self,
         input_ids: jax.Array,
         token_type_ids: jax.Array,
-        attention_mask: jax.Array,
+        segment_ids: jax.Array,
         *,
         deterministic: bool = True,
         position_ids: jax.Array | None = None,
@@ -420,7 +420,7 @@ class BertModel(nn.Module):
             input_ids, token_type_ids, deterministic=deterministic, position_ids=position_ids
         )
         x = BertEncoder(self.config, self.adapter, self.dtype, name="encoder")(
-            x, _attention_bias(attention_mask, packed), deterministic=deterministic
+            x, _attention_bias(segment_ids, packed), deterministic=deterministic
         )
         cls_states = jnp.take(x.reshape(-1, x.shape[-1]), cls_index, axis=0) if packed else x[:, 0]
         return x, BertPooler(self.config, self.dtype, name="pooler")(cls_states)
@@ -443,7 +443,7 @@ class BertForSequenceClassification(nn.Module):
         self,
         input_ids: jax.Array,
         token_type_ids: jax.Array,
-        attention_mask: jax.Array,
+        segment_ids: jax.Array,
         *,
         deterministic: bool = True,
         position_ids: jax.Array | None = None,
@@ -452,7 +452,7 @@ class BertForSequenceClassification(nn.Module):
         _, pooled = BertModel(self.config, self.adapter, self.dtype, name="bert")(
             input_ids,
             token_type_ids,
-            attention_mask,
+            segment_ids,
             deterministic=deterministic,
             position_ids=position_ids,
             cls_index=cls_index,

@@ -21,7 +21,7 @@ from absl import app, flags
 from etils import epath
 
 from adapter_jax import bank as bank_lib
-from adapter_jax import evaluation, export, input_pipeline
+from adapter_jax import evaluation, export, glue_data
 from adapter_jax.errors import AdapterJaxError
 
 FLAGS = flags.FLAGS
@@ -67,7 +67,7 @@ def answer(bank: bank_lib.AdapterBank, requests: Sequence[Any]) -> list[dict[str
             answers[position] = error_answer(request.get("id") if isinstance(request, dict) else None, problem)
     parts = [
         (name, bank.tokenize(name, [
-            input_pipeline.Example(i, requests[i]["sentence1"], requests[i].get("sentence2"), None) for i in rows
+            glue_data.Example(i, requests[i]["sentence1"], requests[i].get("sentence2"), None) for i in rows
         ]))
         for name, rows in by_task.items()
     ]

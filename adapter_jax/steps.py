@@ -49,7 +49,7 @@ def per_example_loss(logits: jax.Array, labels: jax.Array, is_regression: bool) 
 def model_inputs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """The model's inputs in `batch`, unpacked or packed (BertModel's position_ids and cls_index)."""
     packed = ("position_ids", "cls_index") if "cls_index" in batch else ()
-    keys = ("input_ids", "token_type_ids", "attention_mask", *packed)
+    keys = ("input_ids", "token_type_ids", "segment_ids", *packed)
     return {key: batch[key] for key in keys}
 
 

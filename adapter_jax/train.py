@@ -1,8 +1,8 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-config -> experiment.build (model, parameters split by trainable.py's mask) -> steps.train_step
-(pmapped) -> checkpoint (orbax, every few steps and each epoch) -> evaluation on dev each epoch ->
-export (the best-on-dev trained parameters) -> summary.json.
+config -> training_setup.build (the model, its parameters split by trainable.py's mask, the train
+iterator, the optimizer, the pmapped steps.train_step) -> checkpoint (orbax, every few steps and each
+epoch) -> evaluation on dev each epoch -> export (the best-on-dev trained parameters) -> summary.json.
 """
 
 import contextlib
@@ -24,11 +24,10 @@ from adapter_jax import (
     checkpoint,
     evaluation,
     export,
-    input_pipeline,
     metrics,
-    optim,
     run_utils,
     steps,
+    training_setup,
     validation,
 )
 from adapter_jax import experiment as experiment_lib
@@ -139,106 +138,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
 def _train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: epath.Path, model_folder, start_time: float
 ) -> dict[str, Any]:
-    experiment = experiment_lib.build(config, model_folder)
-    task = experiment.task
-    tokenizer = input_pipeline.load_tokenizer(experiment.model_dir)
-    train_data = experiment_lib.load_dataset(config, task, "train", tokenizer)
-    dev_data = {split: experiment_lib.load_dataset(config, task, split, tokenizer) for split in task.dev_splits}
-    train_iter = input_pipeline.TrainIterator(
-        train_data,
-        global_batch_size=config.global_batch_size,
-        num_devices=jax.local_device_count(),
-        seed=config.seed,
-        buckets=tuple(config.buckets),
-        packing=config.packing,
-    )
-    total_steps = config.num_train_steps or config.num_epochs * train_iter.steps_per_epoch
-    schedule_settings = {
-        "learning_rate": config.learning_rate,
-        "total_steps": total_steps,
-        "warmup_fraction": config.warmup_fraction,
-    }
-    schedule = optim.learning_rate_schedule(**schedule_settings)
-    tx = optim.create_optimizer(
-        **schedule_settings,
-        weight_decay=config.weight_decay,
-        adam_epsilon=config.adam_epsilon,
-        max_grad_norm=config.max_grad_norm,
-    )
+    setup = training_setup.build(config, model_folder)
+    task = setup.experiment.task
+    dev_data = experiment_lib.load_dev_datasets(config, task, setup.tokenizer)
     manager = checkpoint.checkpoint_manager(workdir, max_to_keep=config.checkpoints_to_keep)
-    state, progress, data_position = _restore(manager, steps.initial_state(experiment.trainable_params, tx, config.seed))
+    state, progress, data_position = _restore(manager, setup.initial_state)
     if data_position is not None:
-        train_iter.restore(data_position)
-    earlier_wall_time = progress.wall_time_s
-
-    p_train_step = steps.pmapped_train_step(experiment.model, tx, task.is_regression)
-    evaluator = evaluation.Evaluator(experiment, config)
-    p_state, p_frozen = steps.replicate(state), steps.replicate(experiment.frozen_params)
-    parameter_summary = experiment.parameter_summary()
-    # The steps read the devices' copy of the frozen weights; the host's would only double their memory.
-    experiment = dataclasses.replace(experiment, frozen_params=None)
-    step = int(state.step)
+        setup.train_iter.restore(data_position)
     if jax.process_index() == 0 and not (workdir / run_utils.CONFIG_FILE).exists():
         # What validation compares a rerun with when the history has no checkpoint beside it.
         run_utils.write_atomic(workdir / run_utils.CONFIG_FILE, json.dumps(config.to_dict(), indent=2))
-    writer = run_utils.MetricWriter(workdir, step)
-    step_metrics = _StepMetrics(progress, config.on_nonfinite, manager.directory)
-
-    def save(force: bool = False) -> None:
-        step_metrics.read()  # a non-finite step stops the run before anything after it is saved
-        progress.wall_time_s = earlier_wall_time + time.time() - start_time
-        writer.flush()  # the history up to the step saved, before the step is
-        _save(manager, steps.unreplicate(p_state), progress, train_iter.state(), config, force)
-
-    def evaluate_and_export() -> dict:
-        step_metrics.read()  # nor evaluated or exported
-        results = evaluator.evaluate(p_state.params, p_frozen, dev_data, task)
-        writer.write(step, {f"{split}/{name}": value for split, r in results.items() for name, value in r.items()})
-        logging.info("step %d dev %s", step, results)
-        is_best = progress.record(step, metrics.main_score(task, results[task.dev_splits[0]]), results)
-        if is_best and jax.process_index() == 0:  # every host keeps the best score; one writes the export
-            export.write(workdir / export.EXPORT_DIR, steps.unreplicate(p_state.params),
-                         export.metadata(config, experiment))
-        return results
-
-    last_results: dict = {}
-    window_start, window_steps = time.time(), 0
-    # However the loop ends (done, a signal, a non-finite loss, an error), closing the manager completes
-    # a checkpoint still being written in the background, which would otherwise stay a temporary folder.
-    with run_utils.StopSignals() as signals, _closing_checkpoints(manager), contextlib.closing(writer), tqdm(
-        total=total_steps, initial=step, disable=jax.process_index() != 0, desc=task.name, file=run_utils.console()
-    ) as progress_bar:
-        while step < total_steps:
-            p_state, device_metrics = p_train_step(p_state, p_frozen, next(train_iter))
-            step += 1
-            window_steps += 1
-            step_metrics.add(step, device_metrics)
-            if step % config.log_every_steps == 0 or step == total_steps:
-                scalars = {
-                    "train/loss": step_metrics.window_loss(),
-                    # The update that made `step` ran at optax's count step - 1 (it counts from 0).
-                    "train/learning_rate": float(schedule(step - 1)),
-                    "train/examples_per_second": window_steps * config.global_batch_size / (time.time() - window_start),
-                    "train/skipped_steps": progress.skipped_steps,
-                }
-                writer.write(step, scalars)
-                progress_bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/learning_rate']:.2e}",
-                                         ex_per_s=f"{scalars['train/examples_per_second']:.1f}")
-                window_start, window_steps = time.time(), 0
-            progress_bar.update(1)
-            checkpoint.raise_save_errors(manager)
-            if step % train_iter.steps_per_epoch == 0 or step == total_steps:
-                last_results = evaluate_and_export()
-                save()
-                window_start, window_steps = time.time(), 0  # examples/s measures training alone
-            elif step % config.checkpoint_every_steps == 0:
-                save()
-            if signals.stop_requested(step, config.log_every_steps):
-                if progress.saved_step != step:  # else just saved above, and orbax refuses to save a step twice
-                    save(force=True)
-                raise Preempted(signals.received or signal.SIGTERM, step, workdir)
-    if not last_results:  # resumed after the final step was already checkpointed
-        last_results = evaluator.evaluate(p_state.params, p_frozen, dev_data, task)
+    loop = _Loop(config, workdir, setup, manager, state, progress, start_time)
+    last_results = loop.run(dev_data)
 
     summary = {
         "task": task.name,
@@ -247,7 +158,7 @@ def _train_and_evaluate(
         "adapter_size": experiment_lib.adapter_config(config).size,
         "learning_rate": config.learning_rate,
         "num_epochs": config.num_epochs,
-        "num_train_steps": total_steps,
+        "num_train_steps": setup.total_steps,
         "seed": config.seed,
         "top_k": config.top_k,
         "main_metric": task.main_metric,
@@ -257,12 +168,104 @@ def _train_and_evaluate(
         "all_dev_metrics": progress.best_metrics,
         "final_dev_metrics": last_results,
         "skipped_steps": progress.skipped_steps,
-        "wall_time_s": earlier_wall_time + time.time() - start_time,
-        **parameter_summary,
+        "wall_time_s": loop.wall_time_s(),
+        **setup.parameter_summary,
     }
     if jax.process_index() == 0:  # last: a summary says that everything above is written
         run_utils.write_atomic(workdir / SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary
+
+
+class _Loop:
+    """The steps of one run from its restored state: logs every few steps, evaluates on dev and exports the
+    best each epoch, checkpoints, and stops (checkpointed) on SIGTERM or SIGINT."""
+
+    def __init__(
+        self, config: ml_collections.ConfigDict, workdir: epath.Path, setup: training_setup.TrainingSetup,
+        manager, state: steps.TrainState, progress: Progress, start_time: float,
+    ):
+        self.config, self.workdir, self.setup, self.manager, self.progress = config, workdir, setup, manager, progress
+        self.task = setup.experiment.task
+        self.step = int(state.step)
+        self.p_state = steps.replicate(state)
+        self.evaluator = evaluation.Evaluator(setup.experiment, config)
+        self.writer = run_utils.MetricWriter(workdir, self.step)
+        self.step_metrics = _StepMetrics(progress, config.on_nonfinite, manager.directory)
+        self._earlier_wall_time, self._start_time = progress.wall_time_s, start_time
+        self._window_start, self._window_steps = time.time(), 0  # what examples/s is measured over
+
+    def wall_time_s(self) -> float:
+        """This run's time so far, over every process that ran it."""
+        return self._earlier_wall_time + time.time() - self._start_time
+
+    def run(self, dev_data: dict) -> dict:
+        """Trains to the last step; returns the dev results of the last step."""
+        config, total_steps = self.config, self.setup.total_steps
+        last_results: dict = {}
+        # However the loop ends (done, a signal, a non-finite loss, an error), closing the manager completes
+        # a checkpoint still being written in the background, which would otherwise stay a temporary folder.
+        with run_utils.StopSignals() as signals, _closing_checkpoints(self.manager), contextlib.closing(
+            self.writer
+        ), tqdm(total=total_steps, initial=self.step, disable=jax.process_index() != 0, desc=self.task.name,
+                file=run_utils.console()) as progress_bar:
+            while self.step < total_steps:
+                self.p_state, device_metrics = self.setup.p_train_step(
+                    self.p_state, self.setup.p_frozen, next(self.setup.train_iter)
+                )
+                self.step += 1
+                self._window_steps += 1
+                self.step_metrics.add(self.step, device_metrics)
+                if self.step % config.log_every_steps == 0 or self.step == total_steps:
+                    self._log(progress_bar)
+                progress_bar.update(1)
+                checkpoint.raise_save_errors(self.manager)
+                if self.step % self.setup.train_iter.steps_per_epoch == 0 or self.step == total_steps:
+                    last_results = self._evaluate_and_export(dev_data)
+                    self._save()
+                    self._window_start, self._window_steps = time.time(), 0  # examples/s measures training alone
+                elif self.step % config.checkpoint_every_steps == 0:
+                    self._save()
+                if signals.stop_requested(self.step, config.log_every_steps):
+                    if self.progress.saved_step != self.step:  # else just saved above; orbax refuses a step twice
+                        self._save(force=True)
+                    raise Preempted(signals.received or signal.SIGTERM, self.step, self.workdir)
+        if not last_results:  # resumed after the final step was already checkpointed
+            last_results = self.evaluator.evaluate(self.p_state.params, self.setup.p_frozen, dev_data, self.task)
+        return last_results
+
+    def _log(self, progress_bar: tqdm) -> None:
+        scalars = {
+            "train/loss": self.step_metrics.window_loss(),
+            # The update that made `step` ran at optax's count step - 1 (it counts from 0).
+            "train/learning_rate": float(self.setup.schedule(self.step - 1)),
+            "train/examples_per_second": (
+                self._window_steps * self.config.global_batch_size / (time.time() - self._window_start)
+            ),
+            "train/skipped_steps": self.progress.skipped_steps,
+        }
+        self.writer.write(self.step, scalars)
+        progress_bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/learning_rate']:.2e}",
+                                 ex_per_s=f"{scalars['train/examples_per_second']:.1f}")
+        self._window_start, self._window_steps = time.time(), 0
+
+    def _save(self, force: bool = False) -> None:
+        self.step_metrics.read()  # a non-finite step stops the run before anything after it is saved
+        self.progress.wall_time_s = self.wall_time_s()
+        self.writer.flush()  # the history up to the step saved, before the step is
+        _save(self.manager, steps.unreplicate(self.p_state), self.progress, self.setup.train_iter.state(),
+              self.config, force)
+
+    def _evaluate_and_export(self, dev_data: dict) -> dict:
+        self.step_metrics.read()  # nor evaluated or exported
+        step, task = self.step, self.task
+        results = self.evaluator.evaluate(self.p_state.params, self.setup.p_frozen, dev_data, task)
+        self.writer.write(step, {f"{split}/{name}": value for split, r in results.items() for name, value in r.items()})
+        logging.info("step %d dev %s", step, results)
+        is_best = self.progress.record(step, metrics.main_score(task, results[task.dev_splits[0]]), results)
+        if is_best and jax.process_index() == 0:  # every host keeps the best score; one writes the export
+            export.write(self.workdir / export.EXPORT_DIR, steps.unreplicate(self.p_state.params),
+                         export.metadata(self.config, self.setup.experiment))
+        return results
 
 
 @contextlib.contextmanager

@@ -16,32 +16,26 @@ From the repository root:
     python -m scripts.benchmark --steps=0 --epoch_tasks=rte      # the real-data epochs alone, RTE only
 
 The reference is ../shared/bench/peer/train_adapterhub.py (PyTorch, AdapterHub `adapters`), run through
-scripts.peer with the same model, batch, sequence length and adapter size; skipped if its virtual
+adapter_jax.reference with the same model, batch, sequence length and adapter size; skipped if its virtual
 environment (made by its setup.sh) is missing. Run on a quiet machine: figures are only comparable
 within one run.
 """
 
 import itertools
 import json
-import math
 import os
 import pathlib
-import platform
-import re
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
 
 import ml_collections
 from absl import app, flags
 
-from adapter_jax import run_utils, tasks
+from adapter_jax import benchmarking, reference, run_utils, tasks
 from configs import glue
-from scripts import peer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MATMUL_SIZE = 2048
@@ -70,21 +64,10 @@ flags.DEFINE_string("epoch", None, "TASK:packed or TASK:bucketed: time that epoc
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 flags.DEFINE_integer("seq_length", 128, "Tokens per example (every batch padded to this).")
 flags.DEFINE_integer("adapter_size", 64, "Adapter bottleneck size.")
-run_utils.define_path_flag("glue_dir", os.environ.get("GLUE_DIR", str(REPO_ROOT.parent / "shared" / "data" / "glue")),
+run_utils.define_path_flag("glue_dir", reference.DEFAULT_GLUE_DIR,
                            "GLUE folder (RTE batches are timed).")
-flags.DEFINE_string("peer_python", peer.DEFAULT_PEER_PYTHON,
+flags.DEFINE_string("peer_python", reference.DEFAULT_PEER_PYTHON,
                     "Python of the peer's virtual environment (made by its setup.sh); skipped if missing.")
-
-
-def cpu_description() -> str:
-    """The CPU model, logical cores and widest vector extension, as /proc/cpuinfo gives them."""
-    info = pathlib.Path("/proc/cpuinfo")
-    text = info.read_text() if info.exists() else ""
-    fields = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
-    model = fields.get("model name", platform.processor() or platform.machine())
-    flag_set = set(fields.get("flags", "").split())
-    vectors = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flag_set), "no AVX2")
-    return f"{model}, {os.cpu_count()} logical cores, {vectors}"
 
 
 def measure_matmul() -> float:
@@ -102,50 +85,6 @@ def measure_matmul() -> float:
     return 2 * MATMUL_SIZE**3 / best / 1e9
 
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$")
-
-
-def hlo_computations(hlo_text: str) -> tuple[dict[str, list[str]], dict[str, tuple[str, str]]]:
-    """(computation -> its instruction lines, instruction -> (shape, line)) of an HLO module's text."""
-    computations, instructions, current = {}, {}, None
-    for line in hlo_text.splitlines():
-        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-        if header:
-            current = computations.setdefault(header.group(1), [])
-            continue
-        match = _INSTRUCTION.match(line)
-        if match and current is not None:
-            current.append(line)
-            instructions[match.group(1)] = (match.group(2), line)
-    return computations, instructions
-
-
-def _shape(text: str) -> list[int]:
-    dims = re.search(r"\[([\d,]*)\]", text).group(1)
-    return [int(d) for d in dims.split(",") if d]
-
-
-def dot_flops(lines: list[str], instructions: dict[str, tuple[str, str]]) -> float:
-    """FLOPs of the dots among `lines`: 2 x output elements x contracted length."""
-    flops = 0.0
-    for line in lines:
-        match = _INSTRUCTION.match(line)
-        if not match or match.group(3) != "dot":
-            continue
-        lhs_name = re.match(r"%?([\w.\-]+)", match.group(4)).group(1)
-        lhs = _shape(instructions[lhs_name][0])
-        contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1)
-        depth = math.prod(lhs[int(dim)] for dim in contracted.split(","))
-        flops += 2.0 * math.prod(_shape(match.group(2))) * depth
-    return flops
-
-
-def matmul_flops(hlo_text: str) -> float:
-    """FLOPs of every matmul in a compiled program's HLO text."""
-    computations, instructions = hlo_computations(hlo_text)
-    return sum(dot_flops(lines, instructions) for lines in computations.values())
-
-
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -153,54 +92,9 @@ def _peak_rss_mib() -> float:
 def _config(task_name: str) -> ml_collections.ConfigDict:
     """The task's default config at the benchmark's batch size, length, adapter size and GLUE folder."""
     config = glue.get_config(task_name)
-    config.glue_dir = FLAGS.glue_dir
-    config.adapter_size = FLAGS.adapter_size
-    config.max_seq_length = FLAGS.seq_length
-    config.global_batch_size = FLAGS.batch_size
+    config.update(glue_dir=FLAGS.glue_dir, adapter_size=FLAGS.adapter_size, max_seq_length=FLAGS.seq_length,
+                  global_batch_size=FLAGS.batch_size)
     return config
-
-
-class _Training(NamedTuple):
-    setup: Any  # experiment.Experiment
-    tokenizer: Any
-    batches: Iterator[dict]  # the train split's, endless
-    p_step: Callable
-    p_state: Any
-    p_frozen: Any
-
-
-def _training(config: ml_collections.ConfigDict, total_steps: int | None = None) -> _Training:
-    """What a training run of `config` steps with, as train.py builds it; the learning-rate schedule spans
-    `total_steps` (one epoch by default)."""
-    import jax
-
-    from adapter_jax import experiment, input_pipeline, optim, steps
-
-    setup = experiment.build(config)
-    tokenizer = input_pipeline.load_tokenizer(setup.model_dir)
-    iterator = input_pipeline.TrainIterator(
-        experiment.load_dataset(config, setup.task, "train", tokenizer),
-        global_batch_size=config.global_batch_size, num_devices=jax.local_device_count(), seed=0,
-        buckets=tuple(config.buckets), packing=config.packing,
-    )
-    tx = optim.create_optimizer(learning_rate=config.learning_rate, total_steps=total_steps or iterator.steps_per_epoch)
-    return _Training(
-        setup, tokenizer, iterator, steps.pmapped_train_step(setup.model, tx, setup.task.is_regression),
-        steps.replicate(steps.initial_state(setup.trainable_params, tx, seed=0)), steps.replicate(setup.frozen_params),
-    )
-
-
-def fixed_shape_step(mode: str, num_batches: int):
-    """(the compiled training step, its state, the frozen weights, real RTE batches, the parameter summary) at
-    fixed shapes; like training, it keeps no host copy of the frozen weights once they are on the devices."""
-    config = _config("rte")
-    config.mode = mode
-    config.packing = False
-    config.buckets = (FLAGS.seq_length,)  # time the full length, as the task asks
-    training = _training(config, total_steps=1000)
-    batches = list(itertools.islice(training.batches, num_batches))
-    compiled_step = training.p_step.lower(training.p_state, training.p_frozen, batches[0]).compile()
-    return compiled_step, training.p_state, training.p_frozen, batches, training.setup.parameter_summary()
 
 
 def measure(mode: str) -> dict:
@@ -208,13 +102,15 @@ def measure(mode: str) -> dict:
     import jax
 
     compile_start = time.perf_counter()
-    compiled_step, p_state, p_frozen, batches, counts = fixed_shape_step(mode, FLAGS.steps + 1)
-    p_state, metrics = compiled_step(p_state, p_frozen, batches[0])
+    config = _config("rte")
+    config.mode = mode
+    step = benchmarking.fixed_shape_step(config, FLAGS.steps + 1)
+    p_state, metrics = step.compiled(step.p_state, step.p_frozen, step.batches[0])
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - compile_start
     start = time.perf_counter()
-    for batch in batches[1:]:
-        p_state, metrics = compiled_step(p_state, p_frozen, batch)
+    for batch in step.batches[1:]:
+        p_state, metrics = step.compiled(p_state, step.p_frozen, batch)
     jax.block_until_ready((p_state, metrics))
     elapsed = time.perf_counter() - start
     return {
@@ -223,11 +119,11 @@ def measure(mode: str) -> dict:
         "examples_per_s": FLAGS.steps * FLAGS.batch_size / elapsed,
         "step_s": elapsed / FLAGS.steps,
         # the matmuls of one device's program (no gradients for frozen weights), times the devices
-        "gflop_per_step": matmul_flops(compiled_step.as_text()) * jax.local_device_count() / 1e9,
+        "gflop_per_step": benchmarking.matmul_flops(step.compiled.as_text()) * jax.local_device_count() / 1e9,
         "first_step_s_with_setup_and_compile": compile_s,
         "peak_rss_mib": _peak_rss_mib(),
-        "trainable_params": counts["trainable_params"],
-        "total_params": counts["total_params"],
+        "trainable_params": step.parameter_summary["trainable_params"],
+        "total_params": step.parameter_summary["total_params"],
         "devices": jax.local_device_count(),
         "jax": jax.__version__,
     }
@@ -237,32 +133,35 @@ def measure_epoch(task_name: str, packing: bool) -> dict:
     """Seconds of one training epoch of adapters (compilations included) and of dev evaluation, in this process."""
     import jax
 
-    from adapter_jax import evaluation, experiment, input_pipeline
+    from adapter_jax import evaluation, experiment, steps, training_setup
 
     config = _config(task_name)
     config.max_train_examples = FLAGS.epoch_train_examples
     config.packing = packing
-    setup, tokenizer, iterator, p_step, p_state, p_frozen = _training(config)
-    dev_data = {split: experiment.load_dataset(config, setup.task, split, tokenizer) for split in setup.task.dev_splits}
-    batches = list(itertools.islice(iterator, iterator.steps_per_epoch))  # made before the clock starts
-    stats = input_pipeline.batch_stats(batches)
-    evaluator = evaluation.Evaluator(setup, config)
+    config.num_epochs = 1
+    setup = training_setup.build(config)
+    task = setup.experiment.task
+    dev_data = experiment.load_dev_datasets(config, task, setup.tokenizer)
+    batches = list(itertools.islice(setup.train_iter, setup.total_steps))  # made before the clock starts
+    stats = benchmarking.batch_stats(batches)
+    evaluator = evaluation.Evaluator(setup.experiment, config)
+    p_state = steps.replicate(setup.initial_state)
     start = time.perf_counter()
     for batch in batches:
-        p_state, metrics = p_step(p_state, p_frozen, batch)
+        p_state, metrics = setup.p_train_step(p_state, setup.p_frozen, batch)
     jax.block_until_ready((p_state, metrics))
     train_s = time.perf_counter() - start
     start = time.perf_counter()
-    results = evaluator.evaluate(p_state.params, p_frozen, dev_data, setup.task)
+    results = evaluator.evaluate(p_state.params, setup.p_frozen, dev_data, task)
     return {
-        "task": setup.task.name,
+        "task": task.name,
         "layout": "packed" if packing else "bucketed",
         "train_examples": len(batches) * config.global_batch_size,
         "train_s": train_s,
         "eval_s": time.perf_counter() - start,
         "padded_fraction": stats.padded_fraction,
         "train_shapes": stats.compiled_shapes,
-        "dev": results[setup.task.dev_splits[0]],
+        "dev": results[task.dev_splits[0]],
         "peak_rss_mib": _peak_rss_mib(),
     }
 
@@ -296,7 +195,7 @@ def _print_peaks(when: str, peaks: dict[str, float]) -> None:
 
 
 def _run_peer_steps(full: bool) -> dict:
-    return peer.run(peer.peer_command(
+    return reference.run(reference.peer_command(
         python=_peer_python(), task="rte", data_dir=pathlib.Path(FLAGS.glue_dir) / "RTE",
         full=full, learning_rate=3e-5 if full else 3e-3, adapter_size=FLAGS.adapter_size,
         batch_size=FLAGS.batch_size, max_seq_length=FLAGS.seq_length, pad="max_length",
@@ -339,8 +238,8 @@ def _print_steps(ours: dict, theirs: dict, peak: float) -> None:
 
 
 def _run_peer_epoch(task: tasks.Task, scratch: pathlib.Path) -> dict:
-    data_dir = peer.subset_folder(task, FLAGS.glue_dir, FLAGS.epoch_train_examples, scratch)
-    return peer.run(peer.peer_command(
+    data_dir = reference.subset_folder(task, FLAGS.glue_dir, FLAGS.epoch_train_examples, scratch)
+    return reference.run(reference.peer_command(
         python=_peer_python(), task=task.name, data_dir=data_dir, full=False, epochs=1,
         learning_rate=_config(task.name).learning_rate,  # ours, so that the dev scores compare too
         adapter_size=FLAGS.adapter_size, batch_size=FLAGS.batch_size, max_seq_length=FLAGS.seq_length,
@@ -384,7 +283,7 @@ def main(argv: list[str]) -> None:
         task_name, layout = FLAGS.epoch.split(":")
         print(json.dumps(measure_epoch(task_name, packing=layout == "packed")))
         return
-    print(f"CPU: {cpu_description()}")
+    print(f"CPU: {benchmarking.cpu_description()}")
     peaks = _measure_peaks()
     _print_peaks("first", peaks)
     if FLAGS.steps:

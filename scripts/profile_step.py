@@ -22,11 +22,16 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_
 
 from absl import app, flags
 
-# scripts.benchmark defines the flags shared with it: batch_size, seq_length, glue_dir...
-from scripts import benchmark
+from adapter_jax import benchmarking, reference, run_utils
+from configs import glue
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "adapters", ["adapters", "full"], "Which step to profile.")
+flags.DEFINE_integer("batch_size", 32, "Global batch size.")
+flags.DEFINE_integer("seq_length", 128, "Tokens per example (every batch padded to this).")
+flags.DEFINE_integer("adapter_size", 64, "Adapter bottleneck size.")
+run_utils.define_path_flag("glue_dir", reference.DEFAULT_GLUE_DIR,
+                           "GLUE folder (RTE batches are traced).")
 flags.DEFINE_integer("traced_steps", 3, "Steps traced after one untraced step.")
 flags.DEFINE_integer("top", 15, "Rows printed.")
 
@@ -51,17 +56,20 @@ def main(argv: list[str]) -> None:
     del argv
     import jax
 
-    compiled_step, p_state, p_frozen, batches, _ = benchmark.fixed_shape_step(FLAGS.mode, FLAGS.traced_steps + 1)
-    p_state, metrics = compiled_step(p_state, p_frozen, batches[0])
+    config = glue.get_config("rte")
+    config.update(mode=FLAGS.mode, glue_dir=FLAGS.glue_dir, adapter_size=FLAGS.adapter_size,
+                  max_seq_length=FLAGS.seq_length, global_batch_size=FLAGS.batch_size)
+    step = benchmarking.fixed_shape_step(config, FLAGS.traced_steps + 1)
+    p_state, metrics = step.compiled(step.p_state, step.p_frozen, step.batches[0])
     jax.block_until_ready(metrics)
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
-            for batch in batches[1:]:
-                p_state, metrics = compiled_step(p_state, p_frozen, batch)
+            for batch in step.batches[1:]:
+                p_state, metrics = step.compiled(p_state, step.p_frozen, batch)
             jax.block_until_ready((p_state, metrics))
         times = operation_times(trace_dir)
 
-    computations, instructions = benchmark.hlo_computations(compiled_step.as_text())
+    computations, instructions = benchmarking.hlo_computations(step.compiled.as_text())
     groups = collections.defaultdict(lambda: [0.0, 0.0, 0])  # key -> [ms per step, GFLOP per step, count]
     for name, nanoseconds in times.items():
         if name not in instructions:
@@ -69,7 +77,7 @@ def main(argv: list[str]) -> None:
         shape, line = instructions[name]
         called = re.search(r"calls=%?([\w.\-]+)", line)
         body = computations.get(called.group(1), []) if called else [line]
-        flops = benchmark.dot_flops(body, instructions)
+        flops = benchmarking.dot_flops(body, instructions)
         kind = "matmul" if flops else re.sub(r"[.]\d+$", "", name)  # fusion.12 -> fusion
         key = f"{kind} -> {shape.split('{')[0]}"
         group = groups[key]
@@ -78,7 +86,7 @@ def main(argv: list[str]) -> None:
         group[2] += 1
     total_ms = sum(group[0] for group in groups.values())
     matmul_ms = sum(group[0] for group in groups.values() if group[1])
-    print(f"{FLAGS.mode} step, batch {FLAGS.batch_size} x {FLAGS.seq_length}, CPU: {benchmark.cpu_description()}")
+    print(f"{FLAGS.mode} step, batch {FLAGS.batch_size} x {FLAGS.seq_length}, CPU: {benchmarking.cpu_description()}")
     print(f"thunk time {total_ms:.0f} ms/step, of which matmuls {matmul_ms:.0f} ms ({matmul_ms / total_ms:.0%})")
     print(f"{'ms/step':>8s} {'share':>6s} {'ops':>4s} {'GFLOP':>6s} {'GFLOP/s':>8s}  operation -> output")
     for key, (ms, gflop, count) in sorted(groups.items(), key=lambda item: -item[1][0])[: FLAGS.top]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from adapter_jax import bank as bank_lib
-from adapter_jax import errors, experiment, export, input_pipeline, weights
+from adapter_jax import errors, experiment, export, glue_data, weights
 
 # name -> (GLUE task, mode, adapter size, adapter sites, train_pooler): both head kinds, three head
 # sizes, two adapter sizes, an export without adapters, one with adapters at one site, pooler trained or not.
@@ -65,7 +65,7 @@ def bank(tiny_model_dir, exports):
 def _examples(task_name, count):
     pair = task_name != "sst2"
     return [
-        input_pipeline.Example(i, SENTENCES[i % 4], SENTENCES[(i + 1) % 4] if pair else None, None)
+        glue_data.Example(i, SENTENCES[i % 4], SENTENCES[(i + 1) % 4] if pair else None, None)
         for i in range(count)
     ]
 

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from scripts import benchmark
+from adapter_jax import benchmarking
 
 
 def test_matmul_flops_counts_plain_batched_and_fused_products_as_xla_does():
@@ -15,13 +15,13 @@ def test_matmul_flops_counts_plain_batched_and_fused_products_as_xla_does():
     args = (jnp.ones((64, 32)), jnp.ones((32, 48)), jnp.ones((3, 4, 16, 8)), jnp.ones((3, 4, 16, 8)))
     compiled = jax.jit(program).lower(*args).compile()
     expected = 2 * 64 * 48 * 32 + 2 * 3 * 4 * 16 * 16 * 8
-    assert benchmark.matmul_flops(compiled.as_text()) == expected
+    assert benchmarking.matmul_flops(compiled.as_text()) == expected
     # XLA's own count adds the elementwise work (tanh, sums) on top of the same products
     assert expected <= compiled.cost_analysis()["flops"] < 1.1 * expected
 
 
 def test_cpu_description_names_the_model_cores_and_vector_extension():
-    line = benchmark.cpu_description()
+    line = benchmarking.cpu_description()
     model, cores, vectors = line.rsplit(", ", 2)
     assert model and cores.endswith(" logical cores") and int(cores.split()[0]) >= 1
     assert vectors in ("AVX-512", "AVX2", "no AVX2")

@@ -12,7 +12,7 @@ import zipfile
 
 import pytest
 
-from adapter_jax import input_pipeline, tasks
+from adapter_jax import glue_data, tasks
 from adapter_jax.errors import DataError
 from scripts import download_glue
 
@@ -108,11 +108,11 @@ def test_writes_the_glue_layout_the_reader_reads(served, tmp_path):
     assert (out / "MRPC" / "dev.tsv").read_text() == MSR_HEADER + "0\t21\t22\tSecond a.\tSecond b.\n"
     assert (out / "MRPC" / "test.tsv").read_text() == (
         download_glue.MRPC_TEST_HEADER + "0\t41\t42\tTest a.\tTest b.\n1\t51\t52\tOther a.\tOther b.\n")
-    dev = input_pipeline.read_examples(tasks.get_task("mrpc"), "dev", glue_dir=out)
+    dev = glue_data.read_examples(tasks.get_task("mrpc"), "dev", glue_dir=out)
     assert [(e.text_a, e.text_b, e.label) for e in dev] == [("Second a.", "Second b.", 0)]
-    test = input_pipeline.read_examples(tasks.get_task("mrpc"), "test", glue_dir=out)
+    test = glue_data.read_examples(tasks.get_task("mrpc"), "test", glue_dir=out)
     assert [e.idx for e in test] == [0, 1]
-    assert len(input_pipeline.read_examples(tasks.get_task("rte"), "train", glue_dir=out)) == 2
+    assert len(glue_data.read_examples(tasks.get_task("rte"), "train", glue_dir=out)) == 2
     assert not list((tmp_path / "tmp").iterdir())  # the downloads are gone
 
     # A second run finds every file and asks the server for nothing.

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapter_jax import errors, input_pipeline, tasks
-from adapter_jax.input_pipeline import Example
+from adapter_jax import benchmarking, errors, glue_data, input_pipeline, tasks
+from adapter_jax.glue_data import Example
 
 # Official GLUE sizes, as listed in the data folder's README.
 ROW_COUNTS = [
@@ -44,7 +44,7 @@ def tokenizer(minilm_dir):
 @pytest.mark.parametrize("name, split, count", ROW_COUNTS, ids=[f"{n}-{s}" for n, s, _ in ROW_COUNTS])
 def test_real_split_loads_with_official_size(glue_dir, name, split, count):
     task = tasks.get_task(name)
-    examples = input_pipeline.read_examples(task, split, glue_dir=glue_dir)
+    examples = glue_data.read_examples(task, split, glue_dir=glue_dir)
     assert len(examples) == count
     assert all(isinstance(e.text_a, str) and e.text_a for e in examples)
     assert all((e.text_b is not None) == (len(task.text_columns) == 2) for e in examples)
@@ -57,7 +57,7 @@ def test_real_split_loads_with_official_size(glue_dir, name, split, count):
 
 def test_qnli_dev_label_counts_and_quotes_kept(glue_dir):
     task = tasks.get_task("qnli")
-    examples = input_pipeline.read_examples(task, "dev", glue_dir=glue_dir)
+    examples = glue_data.read_examples(task, "dev", glue_dir=glue_dir)
     counts = collections.Counter(task.labels[e.label] for e in examples)
     assert counts == {"entailment": 2702, "not_entailment": 2761}
     # Row 694 opens its passage with a quote; a CSV reader would strip it or merge rows.
@@ -65,7 +65,7 @@ def test_qnli_dev_label_counts_and_quotes_kept(glue_dir):
 
 
 def test_cola_headerless_train_reads_sentence_and_label(glue_dir):
-    examples = input_pipeline.read_examples(tasks.get_task("cola"), "train", glue_dir=glue_dir)
+    examples = glue_data.read_examples(tasks.get_task("cola"), "train", glue_dir=glue_dir)
     first = examples[0]
     assert first == Example(0, "Our friends won't buy this analysis, let alone the next one we propose.", None, 1)
 
@@ -83,11 +83,11 @@ def test_synthetic_mrpc_format(tmp_path):
     write(tmp_path / "MRPC" / "train.tsv", [header, '1\t11\t12\tHe said "yes".\tHe agreed.', "0\t13\t14\tA cat.\tA dog."])
     write(tmp_path / "MRPC" / "test.tsv", ["index\t#1 ID\t#2 ID\t#1 String\t#2 String", "7\t1\t2\tOne.\tTwo."])
     task = tasks.get_task("mrpc")
-    assert input_pipeline.read_examples(task, "train", glue_dir=tmp_path) == [
+    assert glue_data.read_examples(task, "train", glue_dir=tmp_path) == [
         Example(0, 'He said "yes".', "He agreed.", 1),
         Example(1, "A cat.", "A dog.", 0),
     ]
-    assert input_pipeline.read_examples(task, "test", glue_dir=tmp_path) == [Example(7, "One.", "Two.", None)]
+    assert glue_data.read_examples(task, "test", glue_dir=tmp_path) == [Example(7, "One.", "Two.", None)]
 
 
 def test_synthetic_stsb_format(tmp_path):
@@ -98,9 +98,9 @@ def test_synthetic_stsb_format(tmp_path):
     )
     write(tmp_path / "STS-B" / "test.tsv", [columns, "0\tmain-news\tx\t2016\t0\tnone\tnone\tUp.\tDown."])
     task = tasks.get_task("stsb")
-    (dev,) = input_pipeline.read_examples(task, "dev", glue_dir=tmp_path)
+    (dev,) = glue_data.read_examples(task, "dev", glue_dir=tmp_path)
     assert dev == Example(0, "A man.", "A person.", 4.75) and isinstance(dev.label, float)
-    assert input_pipeline.read_examples(task, "test", glue_dir=tmp_path) == [Example(0, "Up.", "Down.", None)]
+    assert glue_data.read_examples(task, "test", glue_dir=tmp_path) == [Example(0, "Up.", "Down.", None)]
 
 
 # --- Bad input ---------------------------------------------------------------------------------
@@ -108,28 +108,28 @@ def test_synthetic_stsb_format(tmp_path):
 
 def test_missing_folder_names_path_and_task(tmp_path):
     with pytest.raises(errors.DataError) as raised:
-        input_pipeline.read_examples(tasks.get_task("rte"), "train", glue_dir=tmp_path)
+        glue_data.read_examples(tasks.get_task("rte"), "train", glue_dir=tmp_path)
     assert str(tmp_path / "RTE" / "train.tsv") in str(raised.value) and "'rte'" in str(raised.value)
 
 
 def test_missing_file_names_path_and_task(tmp_path):
     write(tmp_path / "WNLI" / "train.tsv", ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\t1"])
     with pytest.raises(errors.DataError, match=f"'wnli'.*{tmp_path / 'WNLI' / 'dev.tsv'}"):
-        input_pipeline.read_examples(tasks.get_task("wnli"), "dev", glue_dir=tmp_path)
+        glue_data.read_examples(tasks.get_task("wnli"), "dev", glue_dir=tmp_path)
 
 
 def test_wrong_field_count_names_file_and_line(tmp_path):
     path = tmp_path / "RTE" / "dev.tsv"
     write(path, ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tentailment", "1\ta\tb"])
     with pytest.raises(errors.DataError, match=f"{path}:3: expected 4 tab-separated fields, found 3"):
-        input_pipeline.read_examples(tasks.get_task("rte"), "dev", glue_dir=tmp_path)
+        glue_data.read_examples(tasks.get_task("rte"), "dev", glue_dir=tmp_path)
 
 
 def test_unknown_label_names_file_and_line(tmp_path):
     path = tmp_path / "CoLA" / "train.tsv"  # no header: line numbers count from the first row
     write(path, ["gj04\t1\t\tGood.", "gj04\t2\t*\tBad."])
     with pytest.raises(errors.DataError, match=f"{path}:2: unknown label '2'"):
-        input_pipeline.read_examples(tasks.get_task("cola"), "train", glue_dir=tmp_path)
+        glue_data.read_examples(tasks.get_task("cola"), "train", glue_dir=tmp_path)
 
 
 def test_bad_regression_label_names_file_and_line(tmp_path):
@@ -137,7 +137,7 @@ def test_bad_regression_label_names_file_and_line(tmp_path):
     path = tmp_path / "STS-B" / "train.tsv"
     write(path, [columns, "0\tg\tf\ty\t0\ts\ts\tA.\tB.\thigh"])
     with pytest.raises(errors.DataError, match=f"{path}:2: bad regression label 'high'"):
-        input_pipeline.read_examples(tasks.get_task("stsb"), "train", glue_dir=tmp_path)
+        glue_data.read_examples(tasks.get_task("stsb"), "train", glue_dir=tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -146,18 +146,18 @@ def test_bad_regression_label_names_file_and_line(tmp_path):
 def test_empty_split_is_an_error(tmp_path, name, folder, lines):
     write(tmp_path / folder / "dev.tsv", lines)
     with pytest.raises(errors.DataError, match=f"{tmp_path / folder / 'dev.tsv'}: no examples"):
-        input_pipeline.read_examples(tasks.get_task(name), "dev", glue_dir=tmp_path)
+        glue_data.read_examples(tasks.get_task(name), "dev", glue_dir=tmp_path)
 
 
 def test_missing_column_names_file_and_column(tmp_path):
     write(tmp_path / "RTE" / "test.tsv", ["id\tsentence1\tsentence2", "0\ta\tb"])
     with pytest.raises(errors.DataError, match="test.tsv: no column 'index'"):
-        input_pipeline.read_examples(tasks.get_task("rte"), "test", glue_dir=tmp_path)
+        glue_data.read_examples(tasks.get_task("rte"), "test", glue_dir=tmp_path)
 
 
 def test_unknown_split_lists_splits(tmp_path):
     with pytest.raises(errors.ConfigError, match="dev_matched"):
-        input_pipeline.read_examples(tasks.get_task("mnli"), "dev", glue_dir=tmp_path)
+        glue_data.read_examples(tasks.get_task("mnli"), "dev", glue_dir=tmp_path)
 
 
 # --- TFDS --------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def test_tfds_source_yields_the_tsv_fields(glue_dir, tmp_path, name, split):
     tfds = pytest.importorskip("tensorflow_datasets")
     task = tasks.get_task(name)
     with tfds.testing.mock_data(num_examples=6):
-        examples = input_pipeline.read_examples(task, split, source="tfds")
+        examples = glue_data.read_examples(task, split, source="tfds")
     assert len(examples) == 6
     assert [e.idx for e in examples] == sorted(e.idx for e in examples)
     for e in examples:
@@ -182,14 +182,14 @@ def test_tfds_source_yields_the_tsv_fields(glue_dir, tmp_path, name, split):
             assert type(e.label) is int and 0 <= e.label < task.num_labels
 
     # The same Python types as the TSV reader gives for RTE.
-    tsv = input_pipeline.read_examples(tasks.get_task("rte"), "dev", glue_dir=glue_dir)[0]
+    tsv = glue_data.read_examples(tasks.get_task("rte"), "dev", glue_dir=glue_dir)[0]
     assert [type(getattr(tsv, f)) for f in ("idx", "text_a", "text_b", "label")] == [int, str, str, int]
 
 
 def test_tfds_source_without_prepared_data_names_dataset_and_dir(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     with pytest.raises(errors.DataError, match=f"glue/rte \\(task 'rte', split 'validation'\\).*{tmp_path}"):
-        input_pipeline.read_examples(tasks.get_task("rte"), "dev", source="tfds", tfds_data_dir=tmp_path)
+        glue_data.read_examples(tasks.get_task("rte"), "dev", source="tfds", tfds_data_dir=tmp_path)
 
 
 # --- Tokenization ------------------------------------------------------------------------------
@@ -204,10 +204,10 @@ def bert_truncate_pair(tokens_a, tokens_b, max_length):
 
 
 def test_train_subset_is_fixed_in_file_order_and_grows_by_adding():
-    subset = input_pipeline.train_subset_indices(20, 5)
+    subset = glue_data.train_subset_indices(20, 5)
     assert subset.tolist() == [2, 4, 6, 13, 19]  # what every sweep so far trained on: it must not change
-    assert input_pipeline.train_subset_indices(67349, 5000)[:5].tolist() == [0, 25, 49, 60, 66]  # SST-2, 5,000
-    assert set(subset) <= set(input_pipeline.train_subset_indices(20, 10))
+    assert glue_data.train_subset_indices(67349, 5000)[:5].tolist() == [0, 25, 49, 60, 66]  # SST-2, 5,000
+    assert set(subset) <= set(glue_data.train_subset_indices(20, 10))
 
 
 def test_tokenize_pairs_like_bert(tokenizer):
@@ -257,14 +257,12 @@ def test_tokenize_refuses_labels_that_are_not_classes_of_the_task(tokenizer, lab
 
 
 def test_bucketing_halves_padding_on_sst2_dev(glue_dir, tokenizer):
-    examples = input_pipeline.read_examples(tasks.get_task("sst2"), "dev", glue_dir=glue_dir)
+    examples = glue_data.read_examples(tasks.get_task("sst2"), "dev", glue_dir=glue_dir)
     data = input_pipeline.tokenize(tasks.get_task("sst2"), examples, tokenizer, 128)
 
     def padded(buckets):
-        batches = input_pipeline.eval_batches(
-            data, global_batch_size=32, num_devices=2, buckets=buckets, process_index=0, process_count=1
-        )
-        return int(sum(b["attention_mask"].size - b["attention_mask"].sum() for b in batches))
+        batches = input_pipeline.eval_batches(data, layout(eval_batch_size=32, buckets=buckets, max_seq_length=128))
+        return int(sum(b["segment_ids"].size - b["segment_ids"].sum() for b in batches))
 
     bucketed, unbucketed = padded((32, 64, 128)), padded((128,))
     print(f"SST-2 dev padded tokens: bucketed {bucketed}, all to 128 {unbucketed}")
@@ -290,9 +288,15 @@ def fake_dataset(n=50, max_seq_length=16, seed=0):
     )
 
 
+def layout(**kwargs):
+    """A Layout of 8-example batches over 2 devices of one host, rows of at most 16 tokens, unless `kwargs` say other."""
+    kwargs = {"global_batch_size": 8, "eval_batch_size": 8, "num_devices": 2, "max_seq_length": 16, "buckets": (4, 8),
+              "process_index": 0, "process_count": 1, **kwargs}
+    return input_pipeline.Layout(**kwargs)
+
+
 def train_iterator(dataset, seed=0, **kwargs):
-    kwargs = {"global_batch_size": 8, "num_devices": 2, "process_index": 0, "process_count": 1, **kwargs}
-    return input_pipeline.TrainIterator(dataset, seed=seed, buckets=(4, 8), **kwargs)
+    return input_pipeline.TrainIterator(dataset, layout(max_seq_length=dataset.max_seq_length, **kwargs), seed=seed)
 
 
 def rows(batch):
@@ -305,11 +309,11 @@ def test_train_batches_have_the_promised_shapes():
     length = batch["input_ids"].shape[-1]
     assert length in (4, 8, 16) and length >= data.lengths[rows(batch)].max()
     assert length == 4 or length // 2 < data.lengths[rows(batch)].max()  # the smallest bucket that fits
-    for key in ("input_ids", "token_type_ids", "attention_mask"):
+    for key in ("input_ids", "token_type_ids", "segment_ids"):
         assert batch[key].shape == (2, 4, length) and batch[key].dtype == np.int32
     assert batch["label"].shape == batch["weight"].shape == (2, 4)
     assert batch["weight"].dtype == np.float32 and (batch["weight"] == 1).all()
-    np.testing.assert_array_equal(batch["attention_mask"].sum(-1).reshape(-1), data.lengths[rows(batch)])
+    np.testing.assert_array_equal(batch["segment_ids"].sum(-1).reshape(-1), data.lengths[rows(batch)])
     np.testing.assert_array_equal(batch["label"].reshape(-1), data.labels[rows(batch)])
 
 
@@ -387,13 +391,7 @@ def test_eval_batches_score_every_example_exactly_once(process_count, packing):
     scored, total_weight = [], 0.0
     for process_index in range(process_count):
         for batch in input_pipeline.eval_batches(
-            data,
-            global_batch_size=8,
-            num_devices=2,
-            buckets=(4, 8),
-            packing=packing,
-            process_index=process_index,
-            process_count=process_count,
+            data, layout(packing=packing, process_index=process_index, process_count=process_count)
         ):
             assert batch["input_ids"].shape[0] == 2
             assert batch["idx"].shape == batch["weight"].shape == batch["label"].shape == (2, 4 // process_count)
@@ -403,14 +401,14 @@ def test_eval_batches_score_every_example_exactly_once(process_count, packing):
             assert (batch["idx"][~real] == -1).all()
             if not packing:
                 assert batch["input_ids"].shape[1] == 4 // process_count
-                assert batch["attention_mask"].sum(-1).min() > 0
+                assert batch["segment_ids"].sum(-1).min() > 0
     assert total_weight == 53
     assert sorted(scored) == list(range(53))
 
 
 def test_eval_batches_check_batch_size_before_iterating():
     with pytest.raises(errors.ConfigError, match="global_batch_size=7"):
-        input_pipeline.eval_batches(fake_dataset(), global_batch_size=7, num_devices=2, process_index=0, process_count=1)
+        input_pipeline.eval_batches(fake_dataset(), layout(global_batch_size=7, eval_batch_size=7))
 
 
 # --- Packing -----------------------------------------------------------------------------------
@@ -443,7 +441,7 @@ def test_packed_row_counts_are_at_most_eight_and_end_at_one_row_per_example():
 def unpack(batch, device, example, row_length):
     """(input_ids, token_type_ids, position_ids) of one example of a packed batch, read off its segment."""
     row, start = divmod(int(batch["cls_index"][device, example]), row_length)
-    segments = batch["attention_mask"][device, row]
+    segments = batch["segment_ids"][device, row]
     span = np.flatnonzero(segments == segments[start])
     assert span[0] == start and (np.diff(span) == 1).all(), "an example's tokens are one contiguous run"
     return tuple(batch[key][device, row, span] for key in ("input_ids", "token_type_ids", "position_ids"))
@@ -477,28 +475,24 @@ def test_packing_keeps_the_batchs_examples_whole_and_unchanged(n, max_seq_length
             np.testing.assert_array_equal(token_type_ids, data.token_type_ids[row, :length])
             np.testing.assert_array_equal(position_ids, np.arange(length))
             real_tokens += length
-        assert np.count_nonzero(packed["attention_mask"]) == real_tokens  # nothing else in the rows
-        assert not packed["input_ids"][packed["attention_mask"] == 0].any()
+        assert np.count_nonzero(packed["segment_ids"]) == real_tokens  # nothing else in the rows
+        assert not packed["input_ids"][packed["segment_ids"] == 0].any()
 
 
 def test_packed_fillers_take_no_room_and_point_at_the_first_token():
     data = fake_dataset(5, 16)
-    (batch,) = input_pipeline.eval_batches(
-        data, global_batch_size=8, num_devices=2, packing=True, process_index=0, process_count=1
-    )
+    (batch,) = input_pipeline.eval_batches(data, layout(packing=True, buckets=(32, 64, 128)))
     assert batch["idx"].tolist() == [[0, 1, 2, 3], [4, -1, -1, -1]]
     assert batch["cls_index"][1, 1:].tolist() == [0, 0, 0]
-    assert np.count_nonzero(batch["attention_mask"]) == data.lengths.sum()
-    stats = input_pipeline.batch_stats([batch])
-    assert stats.real_tokens == data.lengths.sum() and stats.token_slots == batch["attention_mask"].size
+    assert np.count_nonzero(batch["segment_ids"]) == data.lengths.sum()
+    stats = benchmarking.batch_stats([batch])
+    assert stats.real_tokens == data.lengths.sum() and stats.token_slots == batch["segment_ids"].size
 
 
 def test_batch_stats_count_fillers_as_padding_and_shapes_once():
     data = fake_dataset(12, 8)
-    batches = list(input_pipeline.eval_batches(
-        data, global_batch_size=8, num_devices=2, buckets=(8,), process_index=0, process_count=1
-    ))
-    stats = input_pipeline.batch_stats(batches)
+    batches = list(input_pipeline.eval_batches(data, layout(max_seq_length=8, buckets=(8,))))
+    stats = benchmarking.batch_stats(batches)
     assert (stats.batches, stats.token_slots, stats.real_tokens) == (2, 2 * 8 * 8, data.lengths.sum())
     assert stats.padded_fraction == pytest.approx(1 - data.lengths.sum() / 128)
     assert stats.compiled_shapes == 1
@@ -508,21 +502,21 @@ def test_batch_stats_count_fillers_as_padding_and_shapes_once():
 def test_packing_cuts_the_padding_of_real_epochs_and_compiles_a_few_shapes(glue_dir, tokenizer, name, train_examples):
     """One training epoch (SST-2: the benchmark's 5,000-example subset) and dev, packed vs bucketed."""
     task = tasks.get_task(name)
-    examples = input_pipeline.read_examples(task, "train", glue_dir=glue_dir)
+    examples = glue_data.read_examples(task, "train", glue_dir=glue_dir)
     if train_examples:
-        examples = [examples[i] for i in input_pipeline.train_subset_indices(len(examples), train_examples)]
+        examples = [examples[i] for i in glue_data.train_subset_indices(len(examples), train_examples)]
     train = input_pipeline.tokenize(task, examples, tokenizer, 128)
-    dev = input_pipeline.tokenize(task, input_pipeline.read_examples(task, "dev", glue_dir=glue_dir), tokenizer, 128)
+    dev = input_pipeline.tokenize(task, glue_data.read_examples(task, "dev", glue_dir=glue_dir), tokenizer, 128)
 
     def epoch(packing):
         iterator = input_pipeline.TrainIterator(
-            train, global_batch_size=32, num_devices=2, seed=0, packing=packing, process_index=0, process_count=1
+            train, layout(global_batch_size=32, max_seq_length=128, buckets=(32, 64, 128), packing=packing), seed=0
         )
-        return input_pipeline.batch_stats(itertools.islice(iterator, iterator.steps_per_epoch))
+        return benchmarking.batch_stats(itertools.islice(iterator, iterator.steps_per_epoch))
 
     def evaluation(packing):
-        return input_pipeline.batch_stats(input_pipeline.eval_batches(
-            dev, global_batch_size=128, num_devices=2, packing=packing, process_index=0, process_count=1
+        return benchmarking.batch_stats(input_pipeline.eval_batches(
+            dev, layout(eval_batch_size=128, max_seq_length=128, buckets=(32, 64, 128), packing=packing)
         ))
 
     stats = {(split, packing): measure(packing) for split, measure in (("train", epoch), ("dev", evaluation))

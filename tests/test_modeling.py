@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from adapter_jax import errors, input_pipeline, modeling, steps, tasks, weights
+from adapter_jax import (
+    errors,
+    glue_data,
+    input_pipeline,
+    modeling,
+    steps,
+    tasks,
+    weights,
+)
 from adapter_jax.adapters import AdapterConfig
 from adapter_jax.modeling import BertConfig, BertForSequenceClassification, BertModel
 
@@ -122,8 +130,8 @@ def test_packed_rows_give_each_example_its_unpacked_outputs(minilm_dir, minilm):
     rng = np.random.default_rng(0)
     words = " ".join(text for pair in PAIRS for text in pair).split()
     examples = [
-        input_pipeline.Example(i, " ".join(rng.choice(words, rng.integers(1, 30))),
-                               " ".join(rng.choice(words, rng.integers(1, 20))), 0)
+        glue_data.Example(i, " ".join(rng.choice(words, rng.integers(1, 30))),
+                          " ".join(rng.choice(words, rng.integers(1, 20))), 0)
         for i in range(12)
     ]
     data = input_pipeline.tokenize(
@@ -131,9 +139,9 @@ def test_packed_rows_give_each_example_its_unpacked_outputs(minilm_dir, minilm):
     )
 
     def one_batch(packing):
-        (batch,) = input_pipeline.eval_batches(
-            data, global_batch_size=12, num_devices=1, buckets=(64,), packing=packing, process_index=0, process_count=1
-        )
+        layout = input_pipeline.Layout(global_batch_size=12, eval_batch_size=12, num_devices=1, max_seq_length=64,
+                                       buckets=(64,), packing=packing, process_index=0, process_count=1)
+        (batch,) = input_pipeline.eval_batches(data, layout)
         return {key: value[0] for key, value in batch.items()}  # the one device's shard
 
     unpacked, packed = one_batch(False), one_batch(True)

@@ -7,7 +7,7 @@ import tempfile
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from adapter_jax import errors, input_pipeline, tasks
+from adapter_jax import errors, glue_data, tasks
 
 # (task, split, the file's header; None for CoLA's header-less train/dev files)
 LAYOUTS = [
@@ -104,7 +104,7 @@ def test_reader_parses_or_raises_data_error(case):
         path.parent.mkdir()
         path.write_bytes(data)
         try:
-            examples = input_pipeline.read_examples(task, split, glue_dir=glue_dir)
+            examples = glue_data.read_examples(task, split, glue_dir=glue_dir)
         except errors.DataError as e:
             assert str(path) in str(e)  # every refusal names the file
             event("refused")

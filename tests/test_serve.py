@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from adapter_jax import evaluation, input_pipeline, submission, tasks, train
+from adapter_jax import evaluation, glue_data, submission, tasks, train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Rows kept of each real file: enough to mix tasks in a batch, few enough to train and predict in seconds.
@@ -62,7 +62,7 @@ def _requests(small_glue_dir):
     """Both test sets interleaved, plus three bad lines; ids are 'task:index'."""
     per_task = []
     for name in ("rte", "sst2"):
-        examples = input_pipeline.read_examples(tasks.get_task(name), "test", glue_dir=small_glue_dir)
+        examples = glue_data.read_examples(tasks.get_task(name), "test", glue_dir=small_glue_dir)
         per_task.append([
             {"id": f"{name}:{e.idx}", "task": name, "sentence1": e.text_a,
              **({} if e.text_b is None else {"sentence2": e.text_b})}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from adapter_jax import errors, input_pipeline, submission, tasks
+from adapter_jax import errors, glue_data, submission, tasks
 
 # The value column the GLUE server accepts for each task.
 VALID_PREDICTIONS = {
@@ -43,7 +43,7 @@ def test_round_trip(tmp_path, task, split):
 
 def test_real_rte_test_file_gives_a_full_submission(glue_dir, tmp_path):
     task = tasks.get_task("rte")
-    examples = input_pipeline.read_examples(task, "test", glue_dir=glue_dir)
+    examples = glue_data.read_examples(task, "test", glue_dir=glue_dir)
     idx = np.array([e.idx for e in examples])
     path = submission.write_submission(task, "test", idx, np.arange(len(idx)) % 2, tmp_path)
     lines = path.read_text().splitlines()

@@ -20,6 +20,7 @@ from adapter_jax import (
     evaluation,
     experiment,
     export,
+    glue_data,
     input_pipeline,
     optim,
     run_utils,
@@ -35,10 +36,11 @@ def _setup_and_steps(config, num_devices: int):
     setup = experiment.build(config)
     tokenizer = input_pipeline.load_tokenizer(setup.model_dir)
     dataset = experiment.load_dataset(config, setup.task, "train", tokenizer)
-    iterator = input_pipeline.TrainIterator(
-        dataset, global_batch_size=config.global_batch_size, num_devices=num_devices, seed=0,
-        buckets=tuple(config.buckets), process_index=0, process_count=1,
+    layout = input_pipeline.Layout(
+        global_batch_size=config.global_batch_size, eval_batch_size=config.eval_batch_size, num_devices=num_devices,
+        max_seq_length=config.max_seq_length, buckets=tuple(config.buckets), process_index=0, process_count=1,
     )
+    iterator = input_pipeline.TrainIterator(dataset, layout, seed=0)
     tx = optim.create_optimizer(learning_rate=config.learning_rate, total_steps=100)
     state = steps.initial_state(setup.trainable_params, tx, seed=0)
     p_step = steps.pmapped_train_step(
@@ -135,14 +137,16 @@ def test_packed_step_gives_the_unpacked_loss_and_gradients(tiny_config):
     tiny_config.max_seq_length = 64
     tiny_config.global_batch_size = 32
     setup = experiment.build(tiny_config)
-    examples = input_pipeline.read_examples(setup.task, "train", glue_dir=tiny_config.glue_dir)[:32]
+    examples = glue_data.read_examples(setup.task, "train", glue_dir=tiny_config.glue_dir)[:32]
     # Premises repeated 1-5 times: 15 to 47 tokens per example.
     mixed = [dataclasses.replace(e, text_a=" ".join([e.text_a] * (1 + i % 5))) for i, e in enumerate(examples)]
     dataset = input_pipeline.tokenize(setup.task, mixed, input_pipeline.load_tokenizer(setup.model_dir), 64)
 
     def first_batch(packing, num_devices):
-        iterator = input_pipeline.TrainIterator(dataset, global_batch_size=32, num_devices=num_devices, seed=0,
-                                                buckets=(64,), packing=packing, process_index=0, process_count=1)
+        layout = input_pipeline.Layout(global_batch_size=32, eval_batch_size=32, num_devices=num_devices,
+                                       max_seq_length=64, buckets=(64,), packing=packing, process_index=0,
+                                       process_count=1)
+        iterator = input_pipeline.TrainIterator(dataset, layout, seed=0)
         return next(iterator)
 
     unpacked, packed = first_batch(False, 1), first_batch(True, 1)

@@ -17,7 +17,7 @@ from adapter_jax import (
     checkpoint,
     errors,
     export,
-    input_pipeline,
+    glue_data,
     tasks,
     validation,
     weights,
@@ -88,14 +88,14 @@ def _copy_glue(glue_dir, tmp_path) -> pathlib.Path:
 def _tsv_wrong_field_count(config, tmp_path, model_dir, glue_dir):
     train = _copy_glue(glue_dir, tmp_path) / "RTE" / "train.tsv"
     train.write_text(train.read_text() + "64\tno hypothesis\tentailment\n")
-    read = lambda: input_pipeline.read_examples(tasks.get_task("rte"), "train", glue_dir=tmp_path / "glue")
+    read = lambda: glue_data.read_examples(tasks.get_task("rte"), "train", glue_dir=tmp_path / "glue")
     return read, f"{train}:66: expected 4 tab-separated fields, found 3"
 
 
 def _tsv_not_utf8(config, tmp_path, model_dir, glue_dir):
     dev = _copy_glue(glue_dir, tmp_path) / "RTE" / "dev.tsv"
     dev.write_bytes(dev.read_bytes().replace(b"cat", b"c\xe9t", 1))
-    read = lambda: input_pipeline.read_examples(tasks.get_task("rte"), "dev", glue_dir=tmp_path / "glue")
+    read = lambda: glue_data.read_examples(tasks.get_task("rte"), "dev", glue_dir=tmp_path / "glue")
     return read, f"{dev}: not UTF-8 text"
 
 
@@ -103,7 +103,7 @@ def _tsv_nan_regression_label(config, tmp_path, model_dir, glue_dir):
     train = tmp_path / "glue" / "STS-B" / "train.tsv"
     train.parent.mkdir(parents=True)
     train.write_text("index\tsentence1\tsentence2\tscore\n0\ta\tb\t2.5\n1\tc\td\tnan\n")
-    read = lambda: input_pipeline.read_examples(tasks.get_task("stsb"), "train", glue_dir=tmp_path / "glue")
+    read = lambda: glue_data.read_examples(tasks.get_task("stsb"), "train", glue_dir=tmp_path / "glue")
     return read, f"{train}:3: bad regression label 'nan'"
 
 
