@@ -10,10 +10,6 @@ and LayerNorm run in float32 whatever `dtype` is.
 
 import dataclasses
 import functools
-import json
-import math
-import pathlib
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -22,43 +18,6 @@ import jax.numpy as jnp
 
 from adapter_jax import errors
 from adapter_jax.adapters import Adapter, AdapterConfig, gelu
-
-# Config keys HF writes that this implementation requires to have one value.
-_REQUIRED_HF_VALUES = {"hidden_act": "gelu", "position_embedding_type": "absolute"}
-# Keys that set parameter shapes are required: a default would build a model that the checkpoint's
-# weights do not fit, and the shape errors would not point at config.json.
-_SHAPE_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "max_position_embeddings",
-    "type_vocab_size",
-)
-
-
-def _number(value: Any) -> bool:
-    # bool is an int to Python, and NaN compares false with every bound; neither is a setting.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _positive_int(value: Any) -> bool:
-    return _number(value) and isinstance(value, int) and value > 0
-
-
-def _probability(value: Any) -> bool:
-    return _number(value) and 0 <= value < 1
-
-
-# What each BertConfig key may hold in config.json, and how to say so.
-_VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **{key: (_positive_int, "a positive integer") for key in _SHAPE_KEYS},
-    "hidden_dropout_prob": (_probability, "a probability in [0, 1)"),
-    "attention_probs_dropout_prob": (_probability, "a probability in [0, 1)"),
-    "layer_norm_eps": (lambda value: _number(value) and value > 0, "a positive number"),
-    "initializer_range": (lambda value: _number(value) and value >= 0, "a non-negative number"),
-}
 
 
 class Dropout(nn.Module):
@@ -97,7 +56,7 @@ def _keep_scaled(x: jax.Array, keep: jax.Array, scale: float) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
-    """BERT's architecture hyperparameters, named as in HF's config.json."""
+    """BERT's architecture hyperparameters, named as in HF's config.json (weights.read_bert_config reads one)."""
 
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -127,45 +86,6 @@ class BertConfig:
     def large(cls) -> "BertConfig":
         """bert-large-uncased."""
         return cls(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BertConfig":
-        """From an HF config.json dict; keys this model has no use for are ignored.
-
-        The keys that set parameter shapes are required; the others default as in HF's BertConfig.
-        errors.WeightsError names every key at fault.
-        """
-        problems = [
-            f"config key {key!r} is {d[key]!r} (only {required!r} is supported)"
-            for key, required in _REQUIRED_HF_VALUES.items()
-            if d.get(key, required) != required
-        ]
-        problems += [f"config key {key!r} is missing" for key in _SHAPE_KEYS if key not in d]
-        problems += [
-            f"config key {key!r} is {d[key]!r} (expected {allowed})"
-            for key, (check, allowed) in _VALUE_CHECKS.items()
-            if key in d and not check(d[key])
-        ]
-        if problems:
-            raise errors.WeightsError("; ".join(problems))
-        try:
-            return cls(**{key: d[key] for key in _VALUE_CHECKS if key in d})
-        except errors.ConfigError as e:  # keys valid alone that do not fit together
-            raise errors.WeightsError(str(e)) from e
-
-    @classmethod
-    def from_json_file(cls, path: str | pathlib.Path) -> "BertConfig":
-        """From an HF config.json file."""
-        try:
-            d = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise errors.WeightsError(f"cannot read BERT config {path}: {e}") from e
-        if not isinstance(d, dict):
-            raise errors.WeightsError(f"BERT config {path} is not a JSON object")
-        try:
-            return cls.from_dict(d)
-        except errors.WeightsError as e:
-            raise errors.WeightsError(f"{path}: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

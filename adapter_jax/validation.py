@@ -11,6 +11,7 @@ import ml_collections
 from etils import epath
 
 from adapter_jax import adapters, checkpoint, run_utils, tasks, trainable, weights
+from adapter_jax.checks import non_negative_int, number, positive_int
 from adapter_jax.errors import AdapterJaxError, CheckpointError, ConfigError, DataError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -29,34 +30,12 @@ RESUMABLE_KEYS = frozenset(
 KEYS_ADDED_LATER = {"packing": False}
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _non_negative_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _number(
-    low: float, high: float = math.inf, *, low_inclusive: bool = True, high_inclusive: bool = True
-) -> Callable[[Any], bool]:
-    def check(value: Any) -> bool:
-        # NaN fails every comparison; infinity would pass an open upper bound, and is no setting either.
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            return False
-        above_low = low <= value if low_inclusive else low < value
-        below_high = value <= high if high_inclusive else value < high
-        return above_low and below_high
-
-    return check
-
-
 def _one_of(options: tuple) -> Callable[[Any], bool]:
     return lambda value: value in options
 
 
 def _int_tuple(value: Any) -> bool:
-    return isinstance(value, (tuple, list)) and all(_non_negative_int(v) for v in value)
+    return isinstance(value, (tuple, list)) and all(non_negative_int(v) for v in value)
 
 
 # Every key the trainer reads, with its check and what is allowed. A key not listed is unknown.
@@ -65,43 +44,43 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model": (lambda v: isinstance(v, str) and bool(v), "a model folder or hub name"),
     "dtype": (_one_of(DTYPES), f"one of {DTYPES}"),
     "dropout_rate": (
-        _number(-math.inf, 1.0, high_inclusive=False),
+        number(-math.inf, 1.0, high_inclusive=False),
         "a probability in [0, 1), or < 0 for the checkpoint's own",
     ),
     "mode": (_one_of(trainable.MODES), f"one of {trainable.MODES}"),
-    "adapter_size": (_positive_int, "a positive integer no larger than the hidden size"),
-    "adapter_init_std": (_number(0.0, low_inclusive=False), "a positive number"),
+    "adapter_size": (positive_int, "a positive integer no larger than the hidden size"),
+    "adapter_init_std": (number(0.0, low_inclusive=False), "a positive number"),
     "adapter_sites": (
         lambda v: isinstance(v, (tuple, list)) and bool(v) and set(v) <= set(adapters.SITES),
         f"a non-empty subset of {adapters.SITES}",
     ),
     "adapter_layers": (_int_tuple, "layer indices (empty: every layer)"),
-    "top_k": (_non_negative_int, "a non-negative integer (layers to fine-tune in top_k mode)"),
+    "top_k": (non_negative_int, "a non-negative integer (layers to fine-tune in top_k mode)"),
     "train_pooler": (lambda v: isinstance(v, bool), "true or false"),
     "data_source": (_one_of(DATA_SOURCES), f"one of {DATA_SOURCES}"),
     "glue_dir": (lambda v: isinstance(v, str), "a folder in the original GLUE layout"),
     "tfds_data_dir": (lambda v: isinstance(v, str), "a TFDS data folder, or empty for TFDS's default"),
-    "max_seq_length": (_positive_int, "a positive integer no larger than the model's max positions"),
+    "max_seq_length": (positive_int, "a positive integer no larger than the model's max positions"),
     "packing": (lambda v: isinstance(v, bool), "true or false (false: bucketing)"),
     "buckets": (
-        lambda v: isinstance(v, (tuple, list)) and bool(v) and all(_positive_int(b) for b in v),
+        lambda v: isinstance(v, (tuple, list)) and bool(v) and all(positive_int(b) for b in v),
         "non-empty positive sequence lengths",
     ),
-    "max_train_examples": (_non_negative_int, "a non-negative integer (0: all)"),
-    "learning_rate": (_number(0.0, low_inclusive=False), "a positive number"),
-    "num_epochs": (_positive_int, "a positive integer"),
-    "num_train_steps": (_non_negative_int, "a non-negative integer (0: use num_epochs)"),
-    "global_batch_size": (_positive_int, "a positive multiple of the device count"),
-    "eval_batch_size": (_positive_int, "a positive multiple of the device count"),
-    "warmup_fraction": (_number(0.0, 1.0), "a fraction in [0, 1]"),
-    "weight_decay": (_number(0.0), "a non-negative number"),
-    "adam_epsilon": (_number(0.0, low_inclusive=False), "a positive number"),
-    "max_grad_norm": (_number(0.0, low_inclusive=False), "a positive number"),
-    "seed": (_non_negative_int, "a non-negative integer"),
+    "max_train_examples": (non_negative_int, "a non-negative integer (0: all)"),
+    "learning_rate": (number(0.0, low_inclusive=False), "a positive number"),
+    "num_epochs": (positive_int, "a positive integer"),
+    "num_train_steps": (non_negative_int, "a non-negative integer (0: use num_epochs)"),
+    "global_batch_size": (positive_int, "a positive multiple of the device count"),
+    "eval_batch_size": (positive_int, "a positive multiple of the device count"),
+    "warmup_fraction": (number(0.0, 1.0), "a fraction in [0, 1]"),
+    "weight_decay": (number(0.0), "a non-negative number"),
+    "adam_epsilon": (number(0.0, low_inclusive=False), "a positive number"),
+    "max_grad_norm": (number(0.0, low_inclusive=False), "a positive number"),
+    "seed": (non_negative_int, "a non-negative integer"),
     "on_nonfinite": (_one_of(ON_NONFINITE), f"one of {ON_NONFINITE}"),
-    "log_every_steps": (_positive_int, "a positive integer"),
-    "checkpoint_every_steps": (_positive_int, "a positive integer"),
-    "checkpoints_to_keep": (_positive_int, "a positive integer"),
+    "log_every_steps": (positive_int, "a positive integer"),
+    "checkpoint_every_steps": (positive_int, "a positive integer"),
+    "checkpoints_to_keep": (positive_int, "a positive integer"),
 }
 
 # A problem found: the key at fault, and what is wrong with it.

@@ -1,4 +1,4 @@
-"""Hugging Face BERT checkpoint folders <-> Flax params: hub names, import, export, accounting.
+"""Hugging Face BERT checkpoint folders <-> Flax params: hub names, config.json, import, export, accounting.
 
 A checkpoint folder holds config.json and model.safetensors (or pytorch_model.bin) in HF's
 `BertModel` naming. Our params tree uses the same names (modeling.py), so the mapping is a
@@ -13,7 +13,7 @@ import os
 import pathlib
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -24,7 +24,7 @@ import safetensors
 import safetensors.numpy
 from flax import traverse_util
 
-from adapter_jax import errors, trainable
+from adapter_jax import checks, errors, trainable
 from adapter_jax.adapters import AdapterConfig
 from adapter_jax.modeling import BertConfig, BertForSequenceClassification, BertModel
 
@@ -39,8 +39,69 @@ TORCH_FILE = "pytorch_model.bin"
 _IGNORED_NAMES = ("embeddings.position_ids",)
 _IGNORED_PREFIXES = ("cls.",)
 
+# Config keys HF writes that this implementation requires to have one value.
+_REQUIRED_HF_VALUES = {"hidden_act": "gelu", "position_embedding_type": "absolute"}
+# Keys that set parameter shapes are required: a default would build a model that the checkpoint's
+# weights do not fit, and the shape errors would not point at config.json.
+_SHAPE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
+# What each BertConfig key may hold in config.json, and how to say so.
+_VALUE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{key: (checks.positive_int, "a positive integer") for key in _SHAPE_KEYS},
+    "hidden_dropout_prob": (checks.number(0.0, 1.0, high_inclusive=False), "a probability in [0, 1)"),
+    "attention_probs_dropout_prob": (checks.number(0.0, 1.0, high_inclusive=False), "a probability in [0, 1)"),
+    "layer_norm_eps": (checks.number(0.0, low_inclusive=False), "a positive number"),
+    "initializer_range": (checks.number(0.0), "a non-negative number"),
+}
+
 PathLike = str | os.PathLike
 Path = tuple[str, ...]
+
+
+def bert_config_from_dict(d: dict[str, Any]) -> BertConfig:
+    """From an HF config.json dict; keys this model has no use for are ignored.
+
+    The keys that set parameter shapes are required; the others default as in HF's BertConfig.
+    errors.WeightsError names every key at fault.
+    """
+    problems = [
+        f"config key {key!r} is {d[key]!r} (only {required!r} is supported)"
+        for key, required in _REQUIRED_HF_VALUES.items()
+        if d.get(key, required) != required
+    ]
+    problems += [f"config key {key!r} is missing" for key in _SHAPE_KEYS if key not in d]
+    problems += [
+        f"config key {key!r} is {d[key]!r} (expected {allowed})"
+        for key, (check, allowed) in _VALUE_CHECKS.items()
+        if key in d and not check(d[key])
+    ]
+    if problems:
+        raise errors.WeightsError("; ".join(problems))
+    try:
+        return BertConfig(**{key: d[key] for key in _VALUE_CHECKS if key in d})
+    except errors.ConfigError as e:  # keys valid alone that do not fit together
+        raise errors.WeightsError(str(e)) from e
+
+
+def read_bert_config(path: PathLike) -> BertConfig:
+    """From an HF config.json file."""
+    try:
+        d = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise errors.WeightsError(f"cannot read BERT config {path}: {e}") from e
+    if not isinstance(d, dict):
+        raise errors.WeightsError(f"BERT config {path} is not a JSON object")
+    try:
+        return bert_config_from_dict(d)
+    except errors.WeightsError as e:
+        raise errors.WeightsError(f"{path}: {e}") from e
 
 
 def resolve_model_dir(name_or_path: PathLike | None) -> pathlib.Path:
@@ -152,7 +213,7 @@ def open_model_folder(name_or_path: PathLike | None) -> ModelFolder:
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise errors.WeightsError(f"no {CONFIG_FILE} in {path}")
-    return ModelFolder(path, BertConfig.from_json_file(config_path))
+    return ModelFolder(path, read_bert_config(config_path))
 
 
 def load_pretrained(model: ModelFolder | PathLike | None) -> tuple[BertConfig, dict]:

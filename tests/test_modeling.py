@@ -181,9 +181,9 @@ def test_sequences_longer_than_the_position_table_are_refused():
 
 def test_config_from_dict_ignores_other_hf_keys_and_round_trips(minilm_dir):
     d = json.loads((minilm_dir / "config.json").read_text())
-    config = BertConfig.from_dict(d)
+    config = weights.bert_config_from_dict(d)
     assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (384, 6, 1536)
-    assert BertConfig.from_dict(config.to_dict()) == config
+    assert weights.bert_config_from_dict(config.to_dict()) == config
 
 
 def test_presets_have_bert_shapes():
@@ -201,23 +201,23 @@ def test_presets_have_bert_shapes():
 )
 def test_config_rejects_unsupported_architecture(key, value):
     with pytest.raises(errors.WeightsError, match=key):
-        BertConfig.from_dict({"hidden_size": 64, key: value})
+        weights.bert_config_from_dict({"hidden_size": 64, key: value})
 
 
 def test_config_file_errors_name_the_file(tmp_path):
     path = tmp_path / "config.json"
     path.write_text("{not json")
     with pytest.raises(errors.WeightsError, match=str(path)):
-        BertConfig.from_json_file(path)
+        weights.read_bert_config(path)
     path.write_text(json.dumps({"hidden_act": "relu"}))
     with pytest.raises(errors.WeightsError, match=f"{path}.*hidden_act"):
-        BertConfig.from_json_file(path)
+        weights.read_bert_config(path)
     with pytest.raises(errors.WeightsError, match="missing.json"):
-        BertConfig.from_json_file(tmp_path / "missing.json")
+        weights.read_bert_config(tmp_path / "missing.json")
     for not_an_object in ("[1, 2]", "null", '"bert"'):
         path.write_text(not_an_object)
         with pytest.raises(errors.WeightsError, match=f"{re.escape(str(path))} is not a JSON object"):
-            BertConfig.from_json_file(path)
+            weights.read_bert_config(path)
 
 
 @pytest.mark.parametrize(
@@ -241,7 +241,7 @@ def test_malformed_config_values_name_the_file_and_key(tmp_path, change):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**TINY.to_dict(), **change}))
     with pytest.raises(errors.WeightsError, match=re.escape(str(path))) as info:
-        BertConfig.from_json_file(path)
+        weights.read_bert_config(path)
     for key in change:
         assert key in str(info.value)
 
@@ -251,14 +251,14 @@ def test_config_without_a_shape_key_names_the_file_and_key(tmp_path, key):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({k: v for k, v in TINY.to_dict().items() if k != key}))
     with pytest.raises(errors.WeightsError, match=f"{re.escape(str(path))}.*{key}"):
-        BertConfig.from_json_file(path)
+        weights.read_bert_config(path)
 
 
 def test_config_may_leave_out_what_hf_defaults(tmp_path):
     path = tmp_path / "config.json"
     optional = ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps", "initializer_range")
     path.write_text(json.dumps({k: v for k, v in TINY.to_dict().items() if k not in optional}))
-    assert BertConfig.from_json_file(path) == TINY
+    assert weights.read_bert_config(path) == TINY
 
 
 def test_params_tree_has_hf_module_names():
