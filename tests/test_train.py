@@ -27,6 +27,7 @@ from adapter_jax import (
     steps,
     train,
     trainable,
+    training_setup,
     validation,
 )
 
@@ -204,6 +205,21 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path):
     a, b = _final_checkpoint_params(tmp_path / "a"), _final_checkpoint_params(interrupted_dir)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_training_setup_takes_steps_and_optimizer_settings_from_the_config(tiny_config):
+    """What benchmark.py and profile_step.py time is what training runs: the optimizer of the config's keys."""
+    tiny_config.num_train_steps = 10  # overrides num_epochs
+    tiny_config.warmup_fraction = 0.0
+    tiny_config.weight_decay = 0.0
+    tiny_config.max_grad_norm = 1e-12  # Adam's epsilon then dwarfs every clipped gradient: updates ~ lr * 1e-6
+    setup = training_setup.build(tiny_config)
+    assert setup.total_steps == 10 and float(setup.schedule(0)) == pytest.approx(tiny_config.learning_rate)
+    assert setup.experiment.frozen_params is None  # the devices hold the only copy
+    p_state, _ = setup.p_train_step(steps.replicate(setup.initial_state), setup.p_frozen, next(setup.train_iter))
+    moved = jax.tree.map(lambda new, old: np.abs(np.asarray(new)[0] - old).max(), p_state.params,
+                         setup.initial_state.params)
+    assert max(jax.tree.leaves(moved)) < 1e-6 * tiny_config.learning_rate * 10
 
 
 def test_logged_learning_rate_is_the_one_each_step_used(tiny_config, tmp_path):
