@@ -27,14 +27,15 @@ from adapter_jax import (
     input_pipeline,
     metrics,
     optim,
-    run_utils,
     steps,
     validation,
 )
 from adapter_jax import experiment as experiment_lib
 from adapter_jax.errors import CheckpointError, NonFiniteLoss, Preempted, WriteFailed
-
-SUMMARY_FILE = "summary.json"
+from adapter_jax.history import HistoryWriter
+from adapter_jax.logs import console
+from adapter_jax.stop_signals import StopSignals
+from adapter_jax.workdir import Workdir, WorkdirLock, is_primary_process, write_shared
 
 
 @dataclasses.dataclass
@@ -130,14 +131,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     best-on-dev trained parameters are exported to <workdir>/export/adapters.safetensors.
     """
     start_time = time.time()
-    workdir = epath.Path(workdir)
-    model_folder = validation.validate_config(config, workdir)
-    with run_utils.WorkdirLock(workdir):
+    workdir = Workdir(workdir)
+    model_folder = validation.validate_config(config, workdir.path)
+    with WorkdirLock(workdir):
         return _train_and_evaluate(config, workdir, model_folder, start_time)
 
 
 def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: epath.Path, model_folder, start_time: float
+    config: ml_collections.ConfigDict, workdir: Workdir, model_folder, start_time: float
 ) -> dict[str, Any]:
     experiment = experiment_lib.build(config, model_folder)
     task = experiment.task
@@ -178,10 +179,10 @@ def _train_and_evaluate(
     # The steps read the devices' copy of the frozen weights; the host's would only double their memory.
     experiment = dataclasses.replace(experiment, frozen_params=None)
     step = int(state.step)
-    if jax.process_index() == 0 and not (workdir / run_utils.CONFIG_FILE).exists():
+    if not workdir.history_config.exists():
         # What validation compares a rerun with when the history has no checkpoint beside it.
-        run_utils.write_atomic(workdir / run_utils.CONFIG_FILE, json.dumps(config.to_dict(), indent=2))
-    writer = run_utils.MetricWriter(workdir, step)
+        write_shared(workdir.history_config, json.dumps(config.to_dict(), indent=2))
+    writer = HistoryWriter(workdir, step)
     step_metrics = _StepMetrics(progress, config.on_nonfinite, manager.directory)
 
     def save(force: bool = False) -> None:
@@ -196,8 +197,8 @@ def _train_and_evaluate(
         writer.write(step, {f"{split}/{name}": value for split, r in results.items() for name, value in r.items()})
         logging.info("step %d dev %s", step, results)
         is_best = progress.record(step, metrics.main_score(task, results[task.dev_splits[0]]), results)
-        if is_best and jax.process_index() == 0:  # every host keeps the best score; one writes the export
-            export.write(workdir / export.EXPORT_DIR, steps.unreplicate(p_state.params),
+        if is_best and is_primary_process():  # every host keeps the best score; one writes the export
+            export.write(workdir.export_dir, steps.unreplicate(p_state.params),
                          export.metadata(config, experiment))
         return results
 
@@ -205,8 +206,8 @@ def _train_and_evaluate(
     window_start, window_steps = time.time(), 0
     # However the loop ends (done, a signal, a non-finite loss, an error), closing the manager completes
     # a checkpoint still being written in the background, which would otherwise stay a temporary folder.
-    with run_utils.StopSignals() as signals, _closing_checkpoints(manager), contextlib.closing(writer), tqdm(
-        total=total_steps, initial=step, disable=jax.process_index() != 0, desc=task.name, file=run_utils.console()
+    with StopSignals() as signals, _closing_checkpoints(manager), contextlib.closing(writer), tqdm(
+        total=total_steps, initial=step, disable=not is_primary_process(), desc=task.name, file=console()
     ) as progress_bar:
         while step < total_steps:
             p_state, device_metrics = p_train_step(p_state, p_frozen, next(train_iter))
@@ -259,8 +260,7 @@ def _train_and_evaluate(
         "wall_time_s": earlier_wall_time + time.time() - start_time,
         **parameter_summary,
     }
-    if jax.process_index() == 0:  # last: a summary says that everything above is written
-        run_utils.write_atomic(workdir / SUMMARY_FILE, json.dumps(summary, indent=2))
+    write_shared(workdir.summary, json.dumps(summary, indent=2))  # last: it says that everything above is written
     return summary
 
 

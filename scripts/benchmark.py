@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import ml_collections
 from absl import app, flags
 
-from adapter_jax import run_utils, tasks
+from adapter_jax import cli, tasks
 from configs import glue
 from scripts import peer
 
@@ -70,7 +70,7 @@ flags.DEFINE_string("epoch", None, "TASK:packed or TASK:bucketed: time that epoc
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 flags.DEFINE_integer("seq_length", 128, "Tokens per example (every batch padded to this).")
 flags.DEFINE_integer("adapter_size", 64, "Adapter bottleneck size.")
-run_utils.define_path_flag("glue_dir", os.environ.get("GLUE_DIR", str(REPO_ROOT.parent / "shared" / "data" / "glue")),
+cli.define_path_flag("glue_dir", os.environ.get("GLUE_DIR", str(REPO_ROOT.parent / "shared" / "data" / "glue")),
                            "GLUE folder (RTE batches are timed).")
 flags.DEFINE_string("peer_python", peer.DEFAULT_PEER_PYTHON,
                     "Python of the peer's virtual environment (made by its setup.sh); skipped if missing.")

@@ -18,7 +18,7 @@ from typing import Any
 
 from absl import app, flags
 
-from adapter_jax import input_pipeline, run_utils, tasks
+from adapter_jax import cli, input_pipeline, tasks
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PEER_SCRIPT = REPO_ROOT.parent / "shared" / "bench" / "peer" / "train_adapterhub.py"
@@ -122,10 +122,10 @@ def _define_flags() -> None:
     flags.DEFINE_integer("adapter_size", 64, "Adapter size.")
     flags.DEFINE_integer("seed", 0, "Seed.")
     flags.DEFINE_integer("max_train_examples", 0, "Train on our fixed subset of this size (0: all).")
-    run_utils.define_path_flag("glue_dir", os.environ.get("GLUE_DIR", str(REPO_ROOT.parent / "shared" / "data" / "glue")),
+    cli.define_path_flag("glue_dir", os.environ.get("GLUE_DIR", str(REPO_ROOT.parent / "shared" / "data" / "glue")),
                                "GLUE folder.")
     flags.DEFINE_string("peer_python", DEFAULT_PEER_PYTHON, "Python of the peer's venv (../shared/bench/peer/setup.sh).")
-    run_utils.define_path_flag("results", None, "results.jsonl to append the peer's result to.")
+    cli.define_path_flag("results", None, "results.jsonl to append the peer's result to.")
 
 
 def main(argv: list[str]) -> None:

@@ -19,7 +19,6 @@ from adapter_jax import (
     errors,
     evaluation,
     experiment,
-    export,
     input_pipeline,
     optim,
     steps,
@@ -27,6 +26,7 @@ from adapter_jax import (
     trainable,
     validation,
 )
+from adapter_jax.workdir import Workdir
 
 
 def _setup_and_steps(config, num_devices: int):
@@ -241,7 +241,7 @@ def test_real_minilm_rte_end_to_end(glue_dir, minilm_dir, tmp_path):
     assert 0.0 <= summary["dev_metrics"]["accuracy"] <= 1.0
     assert summary["trainable_fraction"] < 0.05
 
-    export_file = tmp_path / "export" / export.EXPORT_FILE
+    export_file = Workdir(tmp_path).export_file
     full_bytes = 4 * summary["total_params"]
     assert export_file.stat().st_size < 0.05 * full_bytes
 
