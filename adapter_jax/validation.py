@@ -226,12 +226,13 @@ def _workdir_problems(config: ml_collections.ConfigDict, workdir: epath.Path) ->
 def saved_config(workdir: epath.Path) -> tuple[str, dict] | None:
     """("checkpoint", its config) of the newest checkpoint in `workdir`, else ("history", the config its
     metrics history began with), or None for a new workdir."""
-    if Workdir(workdir).checkpoints.exists():
+    files = Workdir(workdir)
+    if files.checkpoints.exists():
         meta = checkpoint.latest_meta(checkpoint.checkpoint_manager(workdir))
         if meta is not None:
             return "checkpoint", meta["config"]
-    if Workdir(workdir).history_config.exists():
-        return "history", read_json(Workdir(workdir).history_config)
+    if files.history_config.exists():
+        return "history", read_json(files.history_config)
     return None
 
 
