@@ -13,23 +13,21 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
-import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
 from adapter_jax.errors import CheckpointError, WriteFailed
+from adapter_jax.workdir import Workdir, is_primary_process
 
-CHECKPOINT_DIR = "checkpoints"  # under the workdir
-CORRUPT_DIR = "corrupt_checkpoints"  # under the workdir: steps that could not be read, kept to look at
 T = TypeVar("T")
 
 
 def checkpoint_manager(workdir: epath.PathLike, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    """An orbax manager of <workdir>/checkpoints; orbax writes each step to a temporary folder and
+    """An orbax manager of the workdir's checkpoints; orbax writes each step to a temporary folder and
     renames it when complete, so a step that is listed is never half-written."""
     return ocp.CheckpointManager(
-        epath.Path(workdir) / CHECKPOINT_DIR,
+        Workdir(workdir).checkpoints,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
     )
 
@@ -110,7 +108,7 @@ def _newest_intact(manager: ocp.CheckpointManager, read: Callable[[int], T], wha
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict] | None:
     """Restores the newest intact checkpoint shaped like `abstract_state`; None if there is none.
 
-    Newer steps that cannot be read are moved to <workdir>/corrupt_checkpoints/, so that the run can save
+    Newer steps that cannot be read are moved to the workdir's corrupt_checkpoints, so that the run can save
     those steps again and one can still look at them.
     """
     found = _newest_intact(
@@ -124,8 +122,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: Any) -> t
         return None
     step, restored = found
     corrupt = [s for s in manager.all_steps() if s > step]
-    if corrupt and jax.process_index() == 0:
-        aside = manager.directory.parent / CORRUPT_DIR
+    if corrupt and is_primary_process():
+        aside = Workdir(manager.directory.parent).corrupt_checkpoints
         aside.mkdir(parents=True, exist_ok=True)
         for bad in corrupt:
             (manager.directory / str(bad)).rename(aside / f"{bad}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -15,10 +15,14 @@ collective. `barrier` is the project's own synchronisation point, with a timeout
 
 import argparse
 import itertools
+import json
+from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import flags
+from jax.experimental import multihost_utils
 
 from adapter_jax.errors import ConfigError, PeerLost
 
@@ -80,6 +84,18 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
 def initialize_from_flags() -> None:
     """`initialize` with the values of the flags `define_flags` made."""
     initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
+
+
+def from_process_0(value: Any) -> Any:
+    """Process 0's `value` (anything JSON holds) on every process, for a decision every process must take
+    alike from what process 0 alone can see (the files it alone writes); the others' `value` is ignored."""
+    if jax.process_count() == 1:
+        return value
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    padded = np.zeros(size, np.uint8)
+    padded[: min(size, data.size)] = data[:size]
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(padded)).tobytes())
 
 
 def barrier(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:

@@ -17,13 +17,13 @@ from adapter_jax import (
     export,
     input_pipeline,
     metrics,
-    run_utils,
     steps,
     submission,
     tasks,
     validation,
 )
 from adapter_jax.errors import CheckpointError
+from adapter_jax.workdir import Workdir, WorkdirLock, is_primary_process, write_shared
 
 
 def to_predictions(logits: np.ndarray, task: tasks.Task) -> np.ndarray:
@@ -83,18 +83,18 @@ def predict(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[
     which must be the config's. For MNLI the diagnostic set (AX) is predicted too, as GLUE asks. The
     files are complete when <workdir>/submission/complete.json, written last, lists them.
     """
-    workdir = epath.Path(workdir)
-    with run_utils.WorkdirLock(workdir):
+    workdir = Workdir(workdir)
+    with WorkdirLock(workdir):
         return _predict(config, workdir)
 
 
-def _predict(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, Any]:
+def _predict(config: ml_collections.ConfigDict, workdir: Workdir) -> dict[str, Any]:
     asked_task = config.task
-    experiment, config = load_export(config, workdir / export.EXPORT_DIR)
+    experiment, config = load_export(config, workdir.export_dir)
     task = experiment.task
     if task.name != tasks.get_task(asked_task).name:
         raise CheckpointError(
-            f"the adapter export in {workdir / export.EXPORT_DIR} was trained for {task.name}, but the config "
+            f"the adapter export in {workdir.export_dir} was trained for {task.name}, but the config "
             f"names {asked_task}; pass --config=configs/glue.py:{config.task} to predict {task.name}"
         )
     tokenizer = input_pipeline.load_tokenizer(experiment.model_dir)
@@ -114,19 +114,16 @@ def _predict(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str
 
 
 def _write_submission(task: tasks.Task, split: str, idx: np.ndarray, predictions: np.ndarray,
-                      workdir: epath.Path) -> str:
+                      workdir: Workdir) -> str:
     """Writes one leaderboard file of `workdir` (on a pod, process 0 alone: one writer per file); returns its path."""
-    out_dir = workdir / submission.SUBMISSION_DIR
-    if jax.process_index() == 0:
-        submission.write_submission(task, split, idx, predictions, out_dir)
-    return str(out_dir / task.submission_files[split])
+    if is_primary_process():
+        submission.write_submission(task, split, idx, predictions, workdir.submission_dir)
+    return str(workdir.submission_dir / task.submission_files[split])
 
 
-def _mark_complete(workdir: epath.Path, files: Sequence[str]) -> None:
+def _mark_complete(workdir: Workdir, files: Sequence[str]) -> None:
     """Records, last, that the submission files of `workdir` are all written (a sweep's rerun redoes them otherwise)."""
-    if jax.process_index() == 0:
-        run_utils.write_atomic(workdir / submission.SUBMISSION_DIR / submission.COMPLETE_FILE,
-                               json.dumps({"files": [epath.Path(f).name for f in files]}))
+    write_shared(workdir.submission_complete, json.dumps({"files": [epath.Path(f).name for f in files]}))
 
 
 def predict_together(config: ml_collections.ConfigDict, workdirs: Sequence[epath.PathLike]) -> dict[str, Any]:
@@ -136,17 +133,17 @@ def predict_together(config: ml_collections.ConfigDict, workdirs: Sequence[epath
     Each export's settings replace the config's for its own task, as in `predict`. The bank runs on one
     device in float32, whatever config.dtype says.
     """
-    workdirs = {str(workdir): epath.Path(workdir) for workdir in workdirs}
+    workdirs = {str(workdir): Workdir(workdir) for workdir in workdirs}
     with contextlib.ExitStack() as locks:
         for workdir in workdirs.values():
-            locks.enter_context(run_utils.WorkdirLock(workdir))
+            locks.enter_context(WorkdirLock(workdir))
         return _predict_together(config, workdirs)
 
 
-def _predict_together(config: ml_collections.ConfigDict, workdirs: Mapping[str, epath.Path]) -> dict[str, Any]:
+def _predict_together(config: ml_collections.ConfigDict, workdirs: Mapping[str, Workdir]) -> dict[str, Any]:
     task_configs = {}
     for name, workdir in workdirs.items():
-        _, settings = export.read(workdir / export.EXPORT_DIR)
+        _, settings = export.read(workdir.export_dir)
         task_configs[name] = export.config_for_export(config, settings)
         validation.validate_config(task_configs[name], purpose="predict")
     bank = bank_lib.AdapterBank(
@@ -159,7 +156,7 @@ def _predict_together(config: ml_collections.ConfigDict, workdirs: Mapping[str, 
     )
     parts, splits = [], []  # (run, dataset) for the bank, and (predicted task, split) beside each
     for name, workdir in workdirs.items():
-        task = bank.load(name, workdir / export.EXPORT_DIR).task
+        task = bank.load(name, workdir.export_dir).task
         predicted = [(task, split) for split in task.dev_splits]
         predicted += [(test_task, split) for test_task in tasks.prediction_tasks(task) for split in test_task.test_splits]
         for predicted_task, split in predicted:

@@ -19,11 +19,10 @@ from etils import epath
 from flax import traverse_util
 
 from adapter_jax import experiment as experiment_lib
-from adapter_jax import run_utils, weights
+from adapter_jax import weights
 from adapter_jax.errors import CheckpointError
+from adapter_jax.workdir import EXPORT_FILE, Workdir, write_atomic, writing
 
-EXPORT_DIR = "export"  # under the workdir
-EXPORT_FILE = "adapters.safetensors"
 _METADATA_KEY = "adapter_jax"
 _SEPARATOR = "/"
 # The settings an export must carry to be rebuilt (config_for_export, onto_base).
@@ -51,14 +50,14 @@ def metadata(config: ml_collections.ConfigDict, experiment: experiment_lib.Exper
 def write(directory: epath.PathLike, params: Mapping[str, Any], metadata: Mapping[str, Any]) -> epath.Path:
     """Writes the trained parameters and their settings to `<directory>/adapters.safetensors`, atomically."""
     directory = epath.Path(directory)
-    with run_utils.writing(directory):
+    with writing(directory):
         directory.mkdir(parents=True, exist_ok=True)
     tensors = {
         _SEPARATOR.join(path): np.asarray(jax.device_get(leaf))
         for path, leaf in traverse_util.flatten_dict(params).items()
     }
     data = safetensors.numpy.save(tensors, metadata={_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-    return run_utils.write_atomic(directory / EXPORT_FILE, data)
+    return write_atomic(directory / EXPORT_FILE, data)
 
 
 def export_file(path: epath.PathLike) -> epath.Path:
@@ -66,7 +65,7 @@ def export_file(path: epath.PathLike) -> epath.Path:
     path = epath.Path(path)
     if not path.is_dir():
         return path
-    in_workdir = path / EXPORT_DIR / EXPORT_FILE
+    in_workdir = Workdir(path).export_file
     return in_workdir if in_workdir.exists() else path / EXPORT_FILE
 
 

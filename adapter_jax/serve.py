@@ -13,15 +13,14 @@ answered. Every request of a batch goes through the base model in the same mixed
 
 import http.server
 import json
-import sys
 from collections.abc import Sequence
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 from etils import epath
 
 from adapter_jax import bank as bank_lib
-from adapter_jax import evaluation, export, glue_data
+from adapter_jax import cli, evaluation, export, glue_data, logs
 from adapter_jax.errors import AdapterJaxError
 
 FLAGS = flags.FLAGS
@@ -33,6 +32,12 @@ flags.DEFINE_string("model", None, "Base model (folder or hub name); default: th
 flags.DEFINE_integer("capacity", 16, "Task slots of the bank (at least the number of --adapters).")
 flags.DEFINE_list("batch_sizes", ["8", "64"], "The batch sizes that compile; requests are cut and padded to them.")
 flags.mark_flags_as_required(["adapters"])
+flags.register_multi_flags_validator(
+    ["input", "output", "port"],
+    lambda values: (values["port"] is None) != (values["input"] is None) and (values["input"] is None) == (
+        values["output"] is None),
+    "pass --input and --output, or --port",
+)
 
 
 def _request_problem(request: Any, bank: bank_lib.AdapterBank) -> str | None:
@@ -157,22 +162,16 @@ def load_bank(adapters: Sequence[str], model: str | None, capacity: int, batch_s
 
 def main(argv: list[str]) -> None:
     del argv
-    if (FLAGS.port is None) == (FLAGS.input is None) or (FLAGS.input is None) != (FLAGS.output is None):
-        print("error: pass --input and --output, or --port", file=sys.stderr)
-        sys.exit(2)
-    try:
+    with cli.exit_codes(OSError, ValueError):  # the files of --input and --output; ValueError: a --batch_sizes entry
         bank = load_bank(FLAGS.adapters, FLAGS.model, FLAGS.capacity, [int(size) for size in FLAGS.batch_sizes])
         if FLAGS.port is None:
             errors = answer_jsonl(bank, FLAGS.input, FLAGS.output)
-            print(f"answered {FLAGS.input} into {FLAGS.output} ({errors} error answers)", file=sys.stderr)
+            print(f"answered {FLAGS.input} into {FLAGS.output} ({errors} error answers)", file=logs.console())
             return
-    except (AdapterJaxError, OSError, ValueError) as e:  # ValueError: a --batch_sizes entry
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     server = make_server(bank, FLAGS.port)
-    print(f"serving {', '.join(bank.names)} on port {server.server_address[1]}", file=sys.stderr, flush=True)
+    print(f"serving {', '.join(bank.names)} on port {server.server_address[1]}", file=logs.console(), flush=True)
     server.serve_forever()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

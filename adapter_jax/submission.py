@@ -8,12 +8,11 @@ RTE/QNLI/MNLI/AX, 0/1 for CoLA/SST-2/MRPC/QQP/WNLI, and a float for STS-B.
 import numpy as np
 from etils import epath
 
-from adapter_jax import errors, run_utils
+from adapter_jax import errors
 from adapter_jax.tasks import Task, prediction_tasks
+from adapter_jax.workdir import write_atomic, writing
 
 HEADER = ("index", "prediction")
-SUBMISSION_DIR = "submission"  # under a run's workdir
-COMPLETE_FILE = "complete.json"  # in SUBMISSION_DIR, written after every file: the predictions are complete
 
 
 def expected_files(task: Task) -> list[str]:
@@ -49,10 +48,10 @@ def write_submission(
     lines = ["\t".join(HEADER)] + [f"{idx[i]}\t{values[i]}" for i in order]
 
     out_dir = epath.Path(out_dir)  # a bucket (gs://...) as well as a local folder
-    with run_utils.writing(out_dir):
+    with writing(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
     # Atomic: a crash mid-write never leaves a truncated file to be uploaded.
-    return run_utils.write_atomic(out_dir / task.submission_files[split], "\n".join(lines) + "\n")
+    return write_atomic(out_dir / task.submission_files[split], "\n".join(lines) + "\n")
 
 
 def read_submission(path: epath.PathLike) -> tuple[np.ndarray, np.ndarray]:

@@ -25,15 +25,16 @@ from adapter_jax import (
     evaluation,
     export,
     metrics,
-    run_utils,
     steps,
     training_setup,
     validation,
 )
 from adapter_jax import experiment as experiment_lib
 from adapter_jax.errors import CheckpointError, NonFiniteLoss, Preempted, WriteFailed
-
-SUMMARY_FILE = "summary.json"
+from adapter_jax.history import HistoryWriter
+from adapter_jax.logs import console
+from adapter_jax.stop_signals import StopSignals
+from adapter_jax.workdir import Workdir, WorkdirLock, is_primary_process, write_shared
 
 
 @dataclasses.dataclass
@@ -129,14 +130,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     best-on-dev trained parameters are exported to <workdir>/export/adapters.safetensors.
     """
     start_time = time.time()
-    workdir = epath.Path(workdir)
-    model_folder = validation.validate_config(config, workdir)
-    with run_utils.WorkdirLock(workdir):
+    workdir = Workdir(workdir)
+    model_folder = validation.validate_config(config, workdir.path)
+    with WorkdirLock(workdir):
         return _train_and_evaluate(config, workdir, model_folder, start_time)
 
 
 def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: epath.Path, model_folder, start_time: float
+    config: ml_collections.ConfigDict, workdir: Workdir, model_folder, start_time: float
 ) -> dict[str, Any]:
     setup = training_setup.build(config, model_folder)
     task = setup.experiment.task
@@ -145,9 +146,9 @@ def _train_and_evaluate(
     state, progress, data_position = _restore(manager, setup.initial_state)
     if data_position is not None:
         setup.train_iter.restore(data_position)
-    if jax.process_index() == 0 and not (workdir / run_utils.CONFIG_FILE).exists():
+    if not workdir.history_config.exists():
         # What validation compares a rerun with when the history has no checkpoint beside it.
-        run_utils.write_atomic(workdir / run_utils.CONFIG_FILE, json.dumps(config.to_dict(), indent=2))
+        write_shared(workdir.history_config, json.dumps(config.to_dict(), indent=2))
     loop = _Loop(config, workdir, setup, manager, state, progress, start_time)
     last_results = loop.run(dev_data)
 
@@ -171,8 +172,7 @@ def _train_and_evaluate(
         "wall_time_s": loop.wall_time_s(),
         **setup.parameter_summary,
     }
-    if jax.process_index() == 0:  # last: a summary says that everything above is written
-        run_utils.write_atomic(workdir / SUMMARY_FILE, json.dumps(summary, indent=2))
+    write_shared(workdir.summary, json.dumps(summary, indent=2))  # last: it says that everything above is written
     return summary
 
 
@@ -181,7 +181,7 @@ class _Loop:
     best each epoch, checkpoints, and stops (checkpointed) on SIGTERM or SIGINT."""
 
     def __init__(
-        self, config: ml_collections.ConfigDict, workdir: epath.Path, setup: training_setup.TrainingSetup,
+        self, config: ml_collections.ConfigDict, workdir: Workdir, setup: training_setup.TrainingSetup,
         manager, state: steps.TrainState, progress: Progress, start_time: float,
     ):
         self.config, self.workdir, self.setup, self.manager, self.progress = config, workdir, setup, manager, progress
@@ -189,7 +189,7 @@ class _Loop:
         self.step = int(state.step)
         self.p_state = steps.replicate(state)
         self.evaluator = evaluation.Evaluator(setup.experiment, config)
-        self.writer = run_utils.MetricWriter(workdir, self.step)
+        self.writer = HistoryWriter(workdir, self.step)
         self.step_metrics = _StepMetrics(progress, config.on_nonfinite, manager.directory)
         self._earlier_wall_time, self._start_time = progress.wall_time_s, start_time
         self._window_start, self._window_steps = time.time(), 0  # what examples/s is measured over
@@ -204,10 +204,10 @@ class _Loop:
         last_results: dict = {}
         # However the loop ends (done, a signal, a non-finite loss, an error), closing the manager completes
         # a checkpoint still being written in the background, which would otherwise stay a temporary folder.
-        with run_utils.StopSignals() as signals, _closing_checkpoints(self.manager), contextlib.closing(
+        with StopSignals() as signals, _closing_checkpoints(self.manager), contextlib.closing(
             self.writer
-        ), tqdm(total=total_steps, initial=self.step, disable=jax.process_index() != 0, desc=self.task.name,
-                file=run_utils.console()) as progress_bar:
+        ), tqdm(total=total_steps, initial=self.step, disable=not is_primary_process(), desc=self.task.name,
+                file=console()) as progress_bar:
             while self.step < total_steps:
                 self.p_state, device_metrics = self.setup.p_train_step(
                     self.p_state, self.setup.p_frozen, next(self.setup.train_iter)
@@ -262,8 +262,8 @@ class _Loop:
         self.writer.write(step, {f"{split}/{name}": value for split, r in results.items() for name, value in r.items()})
         logging.info("step %d dev %s", step, results)
         is_best = self.progress.record(step, metrics.main_score(task, results[task.dev_splits[0]]), results)
-        if is_best and jax.process_index() == 0:  # every host keeps the best score; one writes the export
-            export.write(self.workdir / export.EXPORT_DIR, steps.unreplicate(self.p_state.params),
+        if is_best and is_primary_process():  # every host keeps the best score; one writes the export
+            export.write(self.workdir.export_dir, steps.unreplicate(self.p_state.params),
                          export.metadata(self.config, self.setup.experiment))
         return results
 

@@ -10,9 +10,10 @@ import jax
 import ml_collections
 from etils import epath
 
-from adapter_jax import adapters, checkpoint, run_utils, tasks, trainable, weights
+from adapter_jax import adapters, checkpoint, tasks, trainable, weights
 from adapter_jax.checks import non_negative_int, number, positive_int
 from adapter_jax.errors import AdapterJaxError, CheckpointError, ConfigError, DataError
+from adapter_jax.workdir import Workdir, read_json, sibling_of_this_process
 
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("tsv", "tfds")
@@ -174,7 +175,7 @@ def _consistency_problems(
 def _workdir_problems(config: ml_collections.ConfigDict, workdir: epath.Path) -> list[Problem]:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = run_utils.sibling_of_this_process(workdir / "write-test", "probe")  # every host checks its access
+        probe = sibling_of_this_process(workdir / "write-test", "probe")  # every host checks its access
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -204,12 +205,13 @@ def _workdir_problems(config: ml_collections.ConfigDict, workdir: epath.Path) ->
 def saved_config(workdir: epath.Path) -> tuple[str, dict] | None:
     """("checkpoint", its config) of the newest checkpoint in `workdir`, else ("history", the config its
     metrics history began with), or None for a new workdir."""
-    if (workdir / checkpoint.CHECKPOINT_DIR).exists():
+    files = Workdir(workdir)
+    if files.checkpoints.exists():
         meta = checkpoint.latest_meta(checkpoint.checkpoint_manager(workdir))
         if meta is not None:
             return "checkpoint", meta["config"]
-    if (workdir / run_utils.CONFIG_FILE).exists():
-        return "history", run_utils.read_json(workdir / run_utils.CONFIG_FILE)
+    if files.history_config.exists():
+        return "history", read_json(files.history_config)
     return None
 
 

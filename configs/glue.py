@@ -11,7 +11,7 @@ The paper's setting (BERT-large, one point of its grid), full fine-tuning, and t
         --config.model=bert-large-uncased --config.learning_rate=3e-4 --config.num_epochs=3
     python -m adapter_jax.main --config=configs/glue.py:rte --workdir=/tmp/rte-full \
         --config.mode=full --config.learning_rate=3e-5
-    python -m adapter_jax.main --config=configs/glue.py:rte --workdir=/tmp/adapter-jax/rte --mode=predict
+    python -m adapter_jax.main --config=configs/glue.py:rte --workdir=/tmp/adapter-jax/rte --action=predict
 """
 
 import os

@@ -34,18 +34,18 @@ import matplotlib.figure
 import matplotlib.pyplot as plt
 
 from adapter_jax import (
+    cli,
     distributed,
     evaluation,
-    export,
     input_pipeline,
     metrics,
-    run_utils,
     steps,
     tasks,
     trainable,
 )
 from adapter_jax import experiment as experiment_lib
 from adapter_jax.errors import CheckpointError, ConfigError
+from adapter_jax.workdir import Workdir, is_primary_process, write_atomic
 from scripts import report
 
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "glue.py")
@@ -159,7 +159,7 @@ class Ablator:
 
 def ablate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
     """Dev scores of the adapters exported in `workdir` with every span of layers removed; see the module doc."""
-    export_path = epath.Path(workdir) / export.EXPORT_DIR
+    export_path = Workdir(workdir).export_dir
     experiment, config = evaluation.load_export(config, export_path, purpose="evaluate")
     if config.mode != "adapters":
         raise CheckpointError(f"{export_path} holds a {config.mode!r} run, which has no adapters to remove")
@@ -269,10 +269,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--workdir", type=run_utils.absolute_path, help="a finished adapters run (holding export/)")
-    source.add_argument("--replot", type=run_utils.absolute_path,
+    source.add_argument("--workdir", type=cli.absolute_path, help="a finished adapters run (holding export/)")
+    source.add_argument("--replot", type=cli.absolute_path,
                         help="an ablation.json: redraw its heatmap only (no model, no data)")
-    parser.add_argument("--out_dir", type=run_utils.absolute_path,
+    parser.add_argument("--out_dir", type=cli.absolute_path,
                         help="where ablation.json and ablation.png go (default: the workdir, or the folder of --replot)")
     distributed.add_arguments(parser)
     args, config_args = parser.parse_known_args(argv)
@@ -286,14 +286,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     except ConfigError as e:
         parser.error(str(e))
-    results = ablate(config, args.workdir)
+    with cli.exit_codes():
+        results = ablate(config, args.workdir)
     if results["compilations"]["spans"]:
         print(f"warning: evaluating the spans compiled {results['compilations']['spans']} more times; the "
               f"evaluation was meant to compile once", file=sys.stderr)
-    if jax.process_index() == 0:
+    if is_primary_process():
         out_dir = epath.Path(args.out_dir or args.workdir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        run_utils.write_atomic(out_dir / RESULTS_FILE, json.dumps(results, indent=2))
+        write_atomic(out_dir / RESULTS_FILE, json.dumps(results, indent=2))
         plot(results, out_dir / PLOT_FILE)
         print(f"{results['task']}: unablated {results['unablated']:.4f}, majority class {results['majority']:.4f}, "
               f"{len(results['spans'])} spans; wrote {out_dir / RESULTS_FILE} and {out_dir / PLOT_FILE}")

@@ -34,7 +34,7 @@ import time
 import ml_collections
 from absl import app, flags
 
-from adapter_jax import benchmarking, reference, run_utils, tasks
+from adapter_jax import benchmarking, cli, reference, tasks
 from configs import glue
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -64,8 +64,8 @@ flags.DEFINE_string("epoch", None, "TASK:packed or TASK:bucketed: time that epoc
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 flags.DEFINE_integer("seq_length", 128, "Tokens per example (every batch padded to this).")
 flags.DEFINE_integer("adapter_size", 64, "Adapter bottleneck size.")
-run_utils.define_path_flag("glue_dir", reference.DEFAULT_GLUE_DIR,
-                           "GLUE folder (RTE batches are timed).")
+cli.define_path_flag("glue_dir", reference.DEFAULT_GLUE_DIR,
+                     "GLUE folder (RTE batches are timed).")
 flags.DEFINE_string("peer_python", reference.DEFAULT_PEER_PYTHON,
                     "Python of the peer's virtual environment (made by its setup.sh); skipped if missing.")
 

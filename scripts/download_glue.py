@@ -27,8 +27,9 @@ from collections.abc import Mapping, Sequence
 
 from etils import epath
 
-from adapter_jax import run_utils, tasks
+from adapter_jax import cli, tasks
 from adapter_jax.errors import DataError, WriteFailed
+from adapter_jax.workdir import write_atomic, writing
 
 BASE_URL = "https://dl.fbaipublicfiles.com"
 
@@ -226,9 +227,9 @@ def download(task_names: Sequence[str], out: epath.PathLike, *, base_url: str = 
             downloads.mkdir()
             _build(name, base_url, downloads, staged, checksums, timeout)
             for f in files:
-                with run_utils.writing(out / f):
+                with writing(out / f):
                     (out / f).parent.mkdir(parents=True, exist_ok=True)
-                run_utils.write_atomic(out / f, (staged / f).read_bytes())
+                write_atomic(out / f, (staged / f).read_bytes())
         print(f"{name}: wrote {', '.join(str(out / f) for f in files)}", flush=True)
         fetched.append(name)
     return fetched
@@ -248,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", required=True, type=_task_list,
                         help=f"comma-separated tasks ({','.join(ALL_TASKS)}), or all")
-    parser.add_argument("--out", required=True, type=run_utils.absolute_path,
+    parser.add_argument("--out", required=True, type=cli.absolute_path,
                         help="the GLUE folder to write (local or gs://); what the config's glue_dir names")
     parser.add_argument("--base_url", default=BASE_URL, help="where the files are served (a mirror)")
     parser.add_argument("--timeout", default=60.0, type=float, help="seconds a connection may stall")

@@ -12,7 +12,7 @@ from typing import Any
 
 from absl import app, flags
 
-from adapter_jax import reference, run_utils, tasks
+from adapter_jax import cli, reference, tasks
 
 # The peer's metric names -> ours.
 _METRIC_NAMES = {"matthews_correlation": "matthews_corr", "spearmanr": "spearman"}
@@ -55,11 +55,11 @@ flags.DEFINE_integer("epochs", 3, "Epochs.")
 flags.DEFINE_integer("adapter_size", 64, "Adapter size.")
 flags.DEFINE_integer("seed", 0, "Seed.")
 flags.DEFINE_integer("max_train_examples", 0, "Train on our fixed subset of this size (0: all).")
-run_utils.define_path_flag("glue_dir", reference.DEFAULT_GLUE_DIR,
-                           "GLUE folder.")
+cli.define_path_flag("glue_dir", reference.DEFAULT_GLUE_DIR,
+                     "GLUE folder.")
 flags.DEFINE_string("peer_python", reference.DEFAULT_PEER_PYTHON,
                     "Python of the peer's venv (../shared/bench/peer/setup.sh).")
-run_utils.define_path_flag("results", None, "results.jsonl to append the peer's result to.")
+cli.define_path_flag("results", None, "results.jsonl to append the peer's result to.")
 
 
 def main(argv: list[str]) -> None:

@@ -22,7 +22,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_
 
 from absl import app, flags
 
-from adapter_jax import benchmarking, reference, run_utils
+from adapter_jax import benchmarking, cli, reference
 from configs import glue
 
 FLAGS = flags.FLAGS
@@ -30,8 +30,8 @@ flags.DEFINE_enum("mode", "adapters", ["adapters", "full"], "Which step to profi
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 flags.DEFINE_integer("seq_length", 128, "Tokens per example (every batch padded to this).")
 flags.DEFINE_integer("adapter_size", 64, "Adapter bottleneck size.")
-run_utils.define_path_flag("glue_dir", reference.DEFAULT_GLUE_DIR,
-                           "GLUE folder (RTE batches are traced).")
+cli.define_path_flag("glue_dir", reference.DEFAULT_GLUE_DIR,
+                     "GLUE folder (RTE batches are traced).")
 flags.DEFINE_integer("traced_steps", 3, "Steps traced after one untraced step.")
 flags.DEFINE_integer("top", 15, "Rows printed.")
 

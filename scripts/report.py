@@ -31,7 +31,7 @@ matplotlib.use("Agg")  # No display on TPU VMs or CI.
 import matplotlib.figure
 import matplotlib.pyplot as plt
 
-from adapter_jax import metrics, paper, run_utils, submission, tasks
+from adapter_jax import cli, metrics, paper, submission, tasks
 from adapter_jax.errors import DataError
 
 Run = dict[str, Any]
@@ -466,11 +466,11 @@ def copy_submission(best: BestRuns, method: Method, out_dir: epath.PathLike) -> 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", required=True, type=lambda s: [run_utils.absolute_path(p) for p in s.split(",")],
+    parser.add_argument("--results", required=True, type=lambda s: [cli.absolute_path(p) for p in s.split(",")],
                         help="comma-separated results.jsonl files (one per sweep)")
-    parser.add_argument("--out_dir", required=True, type=lambda s: epath.Path(run_utils.absolute_path(s)))
+    parser.add_argument("--out_dir", required=True, type=lambda s: epath.Path(cli.absolute_path(s)))
     parser.add_argument("--per_task_plot", action="store_true", help="one plot panel per task instead of the mean")
-    parser.add_argument("--submission_dir", type=lambda s: epath.Path(run_utils.absolute_path(s)),
+    parser.add_argument("--submission_dir", type=lambda s: epath.Path(cli.absolute_path(s)),
                         help="gather test predictions here")
     parser.add_argument("--submission_method", default=BEST_SIZE, help="method whose best runs are submitted")
     parser.add_argument("--submission_source", default=OUR_SOURCE)

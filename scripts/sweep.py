@@ -22,24 +22,26 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from adapter_jax import distributed, evaluation, paper, run_utils, submission, train
-from adapter_jax.errors import (
-    AdapterJaxError,
-    ConfigError,
-    NonFiniteLoss,
-    PeerLost,
-    Preempted,
-    WriteFailed,
+from adapter_jax import cli, distributed, evaluation, logs, paper, train
+from adapter_jax.errors import NonFiniteLoss, Preempted
+from adapter_jax.workdir import (
+    SweepDir,
+    Workdir,
+    WorkdirLock,
+    is_primary_process,
+    read_json,
+    write_atomic,
+    write_shared,
 )
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Base config, e.g. configs/glue.py:rte; --config.KEY overrides.")
-run_utils.define_path_flag("workdir", None, "Root folder: one sub-folder per run, results.jsonl, best.json.")
-flags.DEFINE_list("modes", ["adapters"], "Modes to run: adapters, full, top_k, layernorm.")
+cli.define_path_flag("workdir", None, "Root folder: one sub-folder per run, results.jsonl, best.json.")
+flags.DEFINE_list("modes", ["adapters"], "Values of config.mode to run: adapters, full, top_k, layernorm.")
 flags.DEFINE_list("learning_rates", [str(lr) for lr in paper.LEARNING_RATES], "Learning rates.")
 flags.DEFINE_list("epochs", [str(e) for e in paper.EPOCHS], "Epoch counts.")
 flags.DEFINE_list("adapter_sizes", [str(m) for m in paper.ADAPTER_SIZES], "Adapter sizes (adapters mode only).")
@@ -48,9 +50,6 @@ flags.DEFINE_list("top_k", ["1"], "Layers fine-tuned in top_k mode.")
 flags.DEFINE_bool("predict_test", True, "Write each run's GLUE test predictions (for scripts.report).")
 distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
-
-RESULTS_FILE = "results.jsonl"
-FAILURES_FILE = "failures.jsonl"
 
 
 def grid(
@@ -100,55 +99,63 @@ def sweep(
     With `predict_test`, each finished run also writes its GLUE test predictions (<run>/submission/),
     which scripts.report gathers into a submission folder for the best runs.
     """
-    workdir = epath.Path(workdir)
-    with run_utils.WorkdirLock(workdir):
-        return _sweep(base_config, workdir, runs, train_fn, predict_test)
+    folder = SweepDir(workdir)
+    with WorkdirLock(folder.path):
+        return _sweep(base_config, folder, runs, train_fn, predict_test)
 
 
 def _sweep(
     base_config,
-    workdir: epath.Path,
+    folder: SweepDir,
     runs: Sequence[dict[str, Any]],
     train_fn: Callable[[Any, epath.Path], dict[str, Any]],
     predict_test: bool,
 ) -> list[dict[str, Any]]:
-    import jax
-
-    is_primary = jax.process_index() == 0  # every host of a pod runs the sweep; one writes its files
     results, failures = [], []
     for overrides in runs:
-        run_dir = workdir / run_name(overrides)
-        summary_file, failure_file = run_dir / train.SUMMARY_FILE, run_dir / "failure.json"
-        if summary_file.exists():
-            logging.info("Skipping finished run %s.", run_dir)
-            summary = run_utils.read_json(summary_file)
-        elif failure_file.exists():  # a diverged run diverges again: same seed, same data
-            failures.append(run_utils.read_json(failure_file))
+        run = folder.run(run_name(overrides))
+        state, record = run_state(run)
+        if state == "failed":  # a diverged run diverges again: same seed, same data
+            failures.append(record)
             continue
+        if state == "finished":
+            logging.info("Skipping finished run %s.", run)
+            summary = record
         else:
             try:
-                summary = train_fn(config_for(base_config, overrides), run_dir)
+                summary = train_fn(config_for(base_config, overrides), run.path)
             except NonFiniteLoss as e:
-                failure = {"workdir": str(run_dir), **overrides, "error": str(e)}
-                if is_primary:
-                    run_utils.write_atomic(failure_file, json.dumps(failure))
+                failure = {"workdir": str(run), **overrides, "error": str(e)}
+                write_shared(run.failure, json.dumps(failure))
                 failures.append(failure)
-                logging.warning("Run %s diverged: %s", run_dir, e)
+                logging.warning("Run %s diverged: %s", run, e)
                 continue
-        result = {**summary, "workdir": str(run_dir), "source": "adapter-jax"}
+        result = {**summary, "workdir": str(run), "source": "adapter-jax"}
         if predict_test:
-            submission_dir = run_dir / submission.SUBMISSION_DIR
             # Written last by predict: without it, a file may be missing (a sweep stopped between two).
-            if not (submission_dir / submission.COMPLETE_FILE).exists():
-                evaluation.predict(config_for(base_config, overrides), run_dir)
-            result["test_predictions_dir"] = str(submission_dir)
+            if not distributed.from_process_0(is_primary_process() and run.submission_complete.exists()):
+                evaluation.predict(config_for(base_config, overrides), run.path)
+            result["test_predictions_dir"] = str(run.submission_dir)
         results.append(result)
-        if is_primary:
-            _write_jsonl(workdir / RESULTS_FILE, results)
-    if is_primary:
-        _write_jsonl(workdir / RESULTS_FILE, results)
-        _write_jsonl(workdir / FAILURES_FILE, failures)
+        _write_jsonl(folder.results, results)
+    _write_jsonl(folder.results, results)
+    _write_jsonl(folder.failures, failures)
     return results
+
+
+def run_state(run: Workdir) -> tuple[str, dict | None]:
+    """("finished", its summary), ("failed", its failure record) or ("todo", None), as process 0 finds it.
+
+    Every process must skip or train the same runs, together; process 0 alone writes the files that say
+    so, and hosts with workdirs of their own (local disks) do not see them: process 0 decides for all.
+    """
+    state: tuple[str, dict | None] = ("todo", None)
+    if is_primary_process():
+        if run.summary.exists():
+            state = ("finished", read_json(run.summary))
+        elif run.failure.exists():
+            state = ("failed", read_json(run.failure))
+    return tuple(distributed.from_process_0(state))
 
 
 def config_for(base_config, overrides: dict[str, Any]):
@@ -160,19 +167,12 @@ def config_for(base_config, overrides: dict[str, Any]):
 def _write_jsonl(path: epath.Path, records: Sequence[dict[str, Any]]) -> None:
     """Rewritten whole from the runs' own summaries, so it never duplicates; atomically, so a kill cannot
     empty it."""
-    run_utils.write_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
+    write_shared(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def main(argv: list[str]) -> None:
     del argv
-    import jax
-
-    run_utils.route_logs(run_utils.log_file_for(FLAGS.workdir))
-    try:
-        distributed.initialize_from_flags()
-    except ConfigError as e:
-        raise app.UsageError(str(e)) from e
-
+    cli.start(Workdir(FLAGS.workdir).log_file())
     runs = list(
         grid(
             FLAGS.modes,
@@ -184,27 +184,24 @@ def main(argv: list[str]) -> None:
         )
     )
     logging.info("Sweep of %d runs into %s", len(runs), FLAGS.workdir)
-    run_utils.make_config_paths_absolute(FLAGS.config)
-    try:
-        results = sweep(FLAGS.config, FLAGS.workdir, runs, predict_test=FLAGS.predict_test)
-    except (Preempted, KeyboardInterrupt) as e:
-        # A signal during training stops the trainer (Preempted, its checkpoint written); between runs
-        # Ctrl-C is Python's KeyboardInterrupt. Either way a rerun skips what is finished.
-        signum = e.signum if isinstance(e, Preempted) else signal.SIGINT
-        print(f"sweep stopped by {signal.Signals(signum).name}; rerun to continue where it stopped:\n"
-              f"  {shlex.join([sys.executable, '-m', 'scripts.sweep', *sys.argv[1:]])}", file=run_utils.console())
-        sys.exit(128 + signum)
-    except (AdapterJaxError, PeerLost, WriteFailed) as e:
-        print(f"error: {e}", file=run_utils.console())
-        sys.exit(2 if isinstance(e, AdapterJaxError) else 1)
-    if jax.process_index() != 0:
+    with cli.exit_codes():
+        try:
+            results = sweep(FLAGS.config, FLAGS.workdir, runs, predict_test=FLAGS.predict_test)
+        except (Preempted, KeyboardInterrupt) as e:
+            # A signal during training stops the trainer (Preempted, its checkpoint written); between runs
+            # Ctrl-C is Python's KeyboardInterrupt. Either way a rerun skips what is finished.
+            signum = e.signum if isinstance(e, Preempted) else signal.SIGINT
+            print(f"sweep stopped by {signal.Signals(signum).name}; rerun to continue where it stopped:\n"
+                  f"  {shlex.join([sys.executable, '-m', 'scripts.sweep', *sys.argv[1:]])}", file=logs.console())
+            sys.exit(128 + signum)
+    if not is_primary_process():
         return
     best = {mode: best_run([r for r in results if r["mode"] == mode]) for mode in FLAGS.modes}
-    run_utils.write_atomic(epath.Path(FLAGS.workdir) / "best.json", json.dumps(best, indent=2))
+    write_atomic(SweepDir(FLAGS.workdir).best, json.dumps(best, indent=2))
     for mode, run in best.items():
         if run:
             print(f"best {mode}: {run['main_metric']} {run['score']:.4f} ({run['workdir']})")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -7,7 +7,8 @@ import sys
 
 from etils import epath
 
-from adapter_jax import run_utils
+from adapter_jax.history import read_history
+from adapter_jax.workdir import Workdir
 from tests.conftest import GCS_BUCKET
 from tests.test_cli_robustness import RUN, _command, _run, _start, _wait_for
 
@@ -43,7 +44,7 @@ def test_a_bucket_workdir_trains_resumes_predicts_and_reports(
                   **gcs_env)
     assert report.returncode == 0, report.stderr
 
-    steps = [r["step"] for r in run_utils.read_metrics(workdir) if "train/loss" in r]
+    steps = [r["step"] for r in read_history(workdir) if "train/loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]  # the steps logged after the SIGTERM's checkpoint are not repeated
     assert "6" in [p.name for p in checkpoints.iterdir()]
     for name in ("export/adapters.safetensors", "summary.json", "submission/RTE.tsv", "submission/complete.json"):
@@ -52,5 +53,5 @@ def test_a_bucket_workdir_trains_resumes_predicts_and_reports(
     for name in ("results.jsonl", "best.json", "report/report.md", "upload/RTE.tsv"):
         assert (sweep_path / name).exists(), name
     assert (sweep_path / "upload" / "RTE.tsv").read_text() == (workdir / "submission" / "RTE.tsv").read_text()
-    assert not (workdir / run_utils.LOCK_FILE).exists()
+    assert not Workdir(workdir).lock.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["train.log"]

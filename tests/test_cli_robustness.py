@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from adapter_jax import run_utils
+from adapter_jax import history
+from adapter_jax.workdir import Workdir
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"--config={REPO_ROOT / 'configs' / 'glue.py'}:rte"
@@ -128,7 +129,7 @@ def finished_run(tiny_model_dir, tiny_glue_dir, tmp_path_factory):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
     stale = {"host": socket.gethostname(), "pid": int(dead.stdout), "started": "yesterday", "token": "x"}
-    (workdir / run_utils.LOCK_FILE).write_text(json.dumps(stale))
+    Workdir(workdir).lock.write_text(json.dumps(stale))
     run = _run(_command("adapter_jax.main", "runs/rte", tiny_model_dir, tiny_glue_dir), cwd=parent)
     return workdir, run
 
@@ -144,7 +145,7 @@ def test_a_relative_workdir_is_made_absolute_and_an_empty_one_is_a_usage_error(f
     # The stale lock was taken over with a warning, and the run's own lock is gone.
     assert re.search(rf"Taking over {re.escape(str(workdir))}/lock.json from process \d+ on .* no longer running",
                      run.stderr)
-    assert not (workdir / run_utils.LOCK_FILE).exists()
+    assert not Workdir(workdir).lock.exists()
 
     empty = subprocess.run([sys.executable, "-m", "adapter_jax.main", CONFIG, "--workdir="], cwd=tmp_path,
                            env=_env(), capture_output=True, text=True, timeout=600, check=False)
@@ -162,7 +163,7 @@ def test_a_relative_workdir_is_made_absolute_and_an_empty_one_is_a_usage_error(f
 def test_a_second_run_on_a_busy_workdir_stops_at_once_naming_the_holder(tiny_model_dir, tiny_glue_dir, tmp_path):
     first = _start(_command("adapter_jax.main", tmp_path / "run", tiny_model_dir, tiny_glue_dir),
                    tmp_path / "first.log", SLOW_STEPS=0.5)
-    lock = tmp_path / "run" / run_utils.LOCK_FILE
+    lock = Workdir(tmp_path / "run").lock
     _wait_for(lock.exists, first)
     second = _run(_command("adapter_jax.main", tmp_path / "run", tiny_model_dir, tiny_glue_dir))
     assert second.returncode == 2, second.stderr
@@ -277,7 +278,7 @@ def test_a_full_disk_stops_the_run_with_one_error_line_and_no_temporary_files(
     assert line == f"error: cannot write {'a checkpoint to ' if what == 'checkpoint' else ''}{target}: File too large"
     leftovers = [p for p in tmp_path.rglob("*") if "tmp" in p.name]
     assert leftovers == []
-    assert not (tmp_path / "summary.json").exists() and not (tmp_path / run_utils.LOCK_FILE).exists()
+    assert not (tmp_path / "summary.json").exists() and not Workdir(tmp_path).lock.exists()
 
 
 # --- Truncated data of the latest checkpoint -----------------------------------------------------------------
@@ -342,8 +343,8 @@ def test_malformed_files_read_back_are_named(finished_run, tiny_model_dir, tiny_
 
 def test_on_a_bucket_the_history_is_chunks_cut_back_on_resume(tmp_path, monkeypatch):
     """An object store cannot append: each flush adds an object, and a resume rewrites at most one chunk."""
-    monkeypatch.setattr(run_utils, "is_remote", lambda path: True)  # local files, the object-store layout
-    writer = run_utils.MetricWriter(tmp_path, resumed_step=0)
+    monkeypatch.setattr(history, "is_remote", lambda path: True)  # local files, the object-store layout
+    writer = history.HistoryWriter(tmp_path, resumed_step=0)
     for step in (1, 2):
         writer.write(step, {"train/loss": 1.0})
     writer.flush()
@@ -351,12 +352,12 @@ def test_on_a_bucket_the_history_is_chunks_cut_back_on_resume(tmp_path, monkeypa
         writer.write(step, {"train/loss": 1.0})
     writer.close()
     assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["000000.jsonl", "000001.jsonl"]
-    assert [r["step"] for r in run_utils.read_metrics(tmp_path)] == [1, 2, 3, 4]
+    assert [r["step"] for r in history.read_history(tmp_path)] == [1, 2, 3, 4]
 
-    resumed = run_utils.MetricWriter(tmp_path, resumed_step=3)
-    assert [r["step"] for r in run_utils.read_metrics(tmp_path)] == [1, 2, 3]
+    resumed = history.HistoryWriter(tmp_path, resumed_step=3)
+    assert [r["step"] for r in history.read_history(tmp_path)] == [1, 2, 3]
     resumed.write(4, {"train/loss": 2.0})
     resumed.close()
-    assert [(r["step"], r["train/loss"]) for r in run_utils.read_metrics(tmp_path)] == [
+    assert [(r["step"], r["train/loss"]) for r in history.read_history(tmp_path)] == [
         (1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0)]
     assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["000000.jsonl", "000001.jsonl", "000002.jsonl"]

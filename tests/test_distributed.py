@@ -13,8 +13,10 @@ import pytest
 import safetensors.numpy
 from etils import epath
 
-from adapter_jax import distributed, run_utils
+from adapter_jax import distributed
 from adapter_jax.errors import ConfigError
+from adapter_jax.history import read_history
+from adapter_jax.workdir import Workdir
 from tests.conftest import GCS_BUCKET, free_port
 from tests.test_cli_robustness import RUN, _command, _start, _wait_for
 
@@ -128,11 +130,11 @@ def test_when_a_process_of_a_pod_dies_the_other_stops_with_an_error_and_both_res
     assert re.search(r"Resumed from gs://.* at step [2-7]\.", rerun[0].log_path.read_text())
 
     workdir = sweep_dir / RUN_DIR
-    steps = [r["step"] for r in run_utils.read_metrics(workdir) if "train/loss" in r]
+    steps = [r["step"] for r in read_history(workdir) if "train/loss" in r]
     assert steps == list(range(1, 9))  # the steps logged after the last checkpoint are not repeated
     for name in ("export/adapters.safetensors", "summary.json", "submission/RTE.tsv", "submission/complete.json"):
         assert (workdir / name).exists(), name
     assert (sweep_dir / "best.json").exists() and (sweep_dir / "results.jsonl").exists()
-    assert not (workdir / run_utils.LOCK_FILE).exists()
+    assert not Workdir(workdir).lock.exists()
     local = {p.name for p in [*tmp_path.iterdir(), *(tmp_path / "rerun").iterdir()]}
     assert not local & {"gs:", "gs"}, local  # a gs:// path taken for a local one would appear there

@@ -82,3 +82,36 @@ def test_sweep_writes_test_predictions_the_report_gathers(tiny_config, tmp_path)
     copied = report.copy_submission(best, next(iter(best)), tmp_path / "submission")
     assert [path.name for path in copied] == ["RTE.tsv"]
     assert len((tmp_path / "submission" / "RTE.tsv").read_text().splitlines()) == 1 + 20
+
+
+def test_every_process_skips_the_runs_process_0_finished(tmp_path, monkeypatch):
+    """Hosts with workdirs of their own (local disks): process 0 wrote a finished run's summary.json, process 1
+    has nothing. Both skip the run, with process 0's summary; the sweep's files are process 0's alone."""
+    import jax
+    import ml_collections
+    from jax.experimental import multihost_utils
+
+    from adapter_jax import distributed
+
+    (overrides,) = sweep.grid(["adapters"], [1e-2], [1], [8], [0])
+    summary = {"mode": "adapters", "score": 0.75, "main_metric": "accuracy"}
+    finished = tmp_path / "host0" / sweep.run_name(overrides)
+    finished.mkdir(parents=True)
+    (finished / "summary.json").write_text(json.dumps(summary))
+
+    sent = []  # what process 0 broadcast, in order: process 1 receives the same
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "barrier", lambda *args, **kwargs: None)
+
+    def train_fn(config, workdir):
+        raise AssertionError(f"trained {workdir}, a run process 0 finished")
+
+    def as_process(index, broadcast):
+        monkeypatch.setattr(jax, "process_index", lambda: index)
+        monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
+        return sweep.sweep(ml_collections.ConfigDict(), tmp_path / f"host{index}", [overrides], train_fn)
+
+    primary = as_process(0, lambda value: sent.append(value) or value)
+    other = as_process(1, lambda value: sent.pop(0))
+    assert sent == [] and [r["score"] for r in other] == [r["score"] for r in primary] == [0.75]
+    assert (tmp_path / "host0" / "results.jsonl").exists() and not (tmp_path / "host1" / "results.jsonl").exists()

@@ -19,17 +19,17 @@ from adapter_jax import (
     errors,
     evaluation,
     experiment,
-    export,
     glue_data,
+    history,
     input_pipeline,
     optim,
-    run_utils,
     steps,
     train,
     trainable,
     training_setup,
     validation,
 )
+from adapter_jax.workdir import Workdir
 
 
 def _setup_and_steps(config, num_devices: int):
@@ -227,7 +227,7 @@ def test_logged_learning_rate_is_the_one_each_step_used(tiny_config, tmp_path):
     tiny_config.num_epochs = 1  # 8 steps, each logged
     train.train_and_evaluate(tiny_config, tmp_path)
     schedule = optim.learning_rate_schedule(tiny_config.learning_rate, 8, tiny_config.warmup_fraction)
-    logged = {line["step"]: line["train/learning_rate"] for line in run_utils.read_metrics(tmp_path)
+    logged = {line["step"]: line["train/learning_rate"] for line in history.read_history(tmp_path)
               if "train/learning_rate" in line}
     assert logged == {step: pytest.approx(float(schedule(step - 1))) for step in range(1, 9)}
 
@@ -272,7 +272,7 @@ def test_real_minilm_rte_end_to_end(glue_dir, minilm_dir, tmp_path):
     assert 0.0 <= summary["dev_metrics"]["accuracy"] <= 1.0
     assert summary["trainable_fraction"] < 0.05
 
-    export_file = tmp_path / "export" / export.EXPORT_FILE
+    export_file = Workdir(tmp_path).export_file
     full_bytes = 4 * summary["total_params"]
     assert export_file.stat().st_size < 0.05 * full_bytes
 

@@ -22,6 +22,7 @@ from adapter_jax import (
     validation,
     weights,
 )
+from adapter_jax.workdir import Workdir
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -142,7 +143,7 @@ def _export_header_garbage(config, tmp_path, model_dir, glue_dir):
 
 
 def _export_of_another_program(config, tmp_path, model_dir, glue_dir):
-    path = tmp_path / "export" / export.EXPORT_FILE
+    path = Workdir(tmp_path).export_file
     path.parent.mkdir()
     shutil.copy(model_dir / weights.SAFETENSORS_FILE, path)  # valid safetensors, no adapter-jax header
     return lambda: export.read(path), f"adapter export {path} is corrupt or not an adapter-jax export"
