@@ -2,7 +2,7 @@
 
     python -m adapter_jax.main --config=configs/glue.py:rte --workdir=/tmp/rte [--mode=predict]
 
-Several --workdir with --mode=predict predict all their tasks in one pass (evaluation.predict_together):
+Several --workdir with --mode=predict predict all their tasks in one pass (predict.predict_together):
 
     python -m adapter_jax.main --config=configs/glue.py:rte --workdir=/tmp/rte --workdir=/tmp/sst2 --mode=predict
 """
@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from adapter_jax import distributed, evaluation, run_utils, train
+from adapter_jax import distributed, predict, run_utils, train
 from adapter_jax.errors import (
     AdapterJaxError,
     ConfigError,
@@ -81,9 +81,9 @@ def main(argv: list[str]) -> None:
         _usage_error(str(e))
     logging.info("JAX devices: %d local, %d global", jax.local_device_count(), jax.device_count())
     if len(workdirs) > 1:
-        run, workdir = evaluation.predict_together, workdirs
+        run, workdir = predict.predict_together, workdirs
     else:
-        run, workdir = (train.train_and_evaluate if FLAGS.mode == "train" else evaluation.predict), workdirs[0]
+        run, workdir = (train.train_and_evaluate if FLAGS.mode == "train" else predict.predict), workdirs[0]
     try:
         result = run(FLAGS.config, workdir)
     except Preempted as e:

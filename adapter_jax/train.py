@@ -198,7 +198,7 @@ def _train_and_evaluate(
         is_best = progress.record(step, metrics.main_score(task, results[task.dev_splits[0]]), results)
         if is_best and jax.process_index() == 0:  # every host keeps the best score; one writes the export
             export.write(workdir / export.EXPORT_DIR, steps.unreplicate(p_state.params),
-                         export.metadata(config, experiment))
+                         export.metadata(experiment))
         return results
 
     last_results: dict = {}
@@ -243,7 +243,7 @@ def _train_and_evaluate(
         "task": task.name,
         "mode": config.mode,
         "model": config.model,
-        "adapter_size": experiment_lib.adapter_config(config).size,
+        "adapter_size": experiment.spec.adapter.size,
         "learning_rate": config.learning_rate,
         "num_epochs": config.num_epochs,
         "num_train_steps": total_steps,

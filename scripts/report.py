@@ -16,7 +16,6 @@ rate, epochs, seeds and, for "adapters (best size)", the adapter size). Our scor
 import argparse
 import collections
 import dataclasses
-import io
 import json
 import math
 import re
@@ -33,6 +32,7 @@ import matplotlib.pyplot as plt
 
 from adapter_jax import metrics, paper, run_utils, submission, tasks
 from adapter_jax.errors import DataError
+from adapter_jax.figures import save_figure
 
 Run = dict[str, Any]
 Method = tuple[str, str]  # (source, method name)
@@ -296,17 +296,6 @@ def plot(best: BestRuns, path: epath.PathLike, per_task: bool = False) -> epath.
     axes.flat[0].legend(legend.values(), legend.keys(), fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-def save_figure(fig: matplotlib.figure.Figure, path: epath.PathLike) -> epath.Path:
-    """Writes `fig` as a PNG to `path` (local or gs://, its folder created) and closes it."""
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    path.write_bytes(buffer.getvalue())
-    plt.close(fig)
-    return path
 
 
 # The methods of the paper's trade-off (Figures 3-4), by mode, in legend order.

@@ -26,7 +26,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from adapter_jax import distributed, evaluation, paper, run_utils, submission, train
+from adapter_jax import distributed, paper, predict, run_utils, submission, train
 from adapter_jax.errors import (
     AdapterJaxError,
     ConfigError,
@@ -140,7 +140,7 @@ def _sweep(
             submission_dir = run_dir / submission.SUBMISSION_DIR
             # Written last by predict: without it, a file may be missing (a sweep stopped between two).
             if not (submission_dir / submission.COMPLETE_FILE).exists():
-                evaluation.predict(config_for(base_config, overrides), run_dir)
+                predict.predict(config_for(base_config, overrides), run_dir)
             result["test_predictions_dir"] = str(submission_dir)
         results.append(result)
         if is_primary:

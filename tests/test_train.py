@@ -22,6 +22,7 @@ from adapter_jax import (
     export,
     input_pipeline,
     optim,
+    predict,
     steps,
     train,
     trainable,
@@ -204,7 +205,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path):
 def test_predict_writes_submission_from_export(tiny_config, tmp_path):
     summary = train.train_and_evaluate(tiny_config, tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["score"] == summary["score"]
-    result = evaluation.predict(tiny_config, tmp_path)
+    result = predict.predict(tiny_config, tmp_path)
     assert result["dev_metrics"]["dev"] == summary["all_dev_metrics"]["dev"]
     (path,) = result["submission_files"]
     rows = pathlib.Path(path).read_text().splitlines()
@@ -216,7 +217,7 @@ def test_export_refuses_another_base_model(tiny_config, tmp_path, minilm_dir):
     train.train_and_evaluate(tiny_config, tmp_path)
     tiny_config.model = str(minilm_dir)
     with pytest.raises(Exception, match="trained on base model"):
-        evaluation.load_export(tiny_config, tmp_path / "export")
+        export.load(tiny_config, tmp_path / "export")
 
 
 def test_real_minilm_rte_end_to_end(glue_dir, minilm_dir, tmp_path):
@@ -245,7 +246,7 @@ def test_real_minilm_rte_end_to_end(glue_dir, minilm_dir, tmp_path):
     full_bytes = 4 * summary["total_params"]
     assert export_file.stat().st_size < 0.05 * full_bytes
 
-    setup, config = evaluation.load_export(config, tmp_path / "export")
+    setup, config = export.load(config, tmp_path / "export")
     tokenizer = input_pipeline.load_tokenizer(setup.model_dir)
     dev = {"dev": experiment.load_dataset(config, setup.task, "dev", tokenizer)}
     evaluator = evaluation.Evaluator(setup, config)
@@ -283,10 +284,10 @@ def test_predict_needs_no_train_file(tiny_config, tmp_path):
     shutil.copytree(tiny_config.glue_dir, glue)
     (glue / "RTE" / "train.tsv").unlink()
     tiny_config.glue_dir = str(glue)
-    assert evaluation.predict(tiny_config, tmp_path / "run")["submission_files"]
+    assert predict.predict(tiny_config, tmp_path / "run")["submission_files"]
     (glue / "RTE" / "test.tsv").unlink()
     with pytest.raises(Exception, match=r"test\.tsv not found"):
-        evaluation.predict(tiny_config, tmp_path / "run")
+        predict.predict(tiny_config, tmp_path / "run")
 
 
 def _recording_tokenize(monkeypatch) -> list[int]:
@@ -305,14 +306,14 @@ def _recording_tokenize(monkeypatch) -> list[int]:
 def test_predict_checks_the_config_with_the_exports_settings_in_place(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, tmp_path)
     tiny_config.adapter_size = 64  # above the tiny model's hidden size: refused for training, but the export says 8
-    assert evaluation.predict(tiny_config, tmp_path)["submission_files"]
+    assert predict.predict(tiny_config, tmp_path)["submission_files"]
 
 
 def test_predict_tokenizes_to_the_exports_sequence_length(tiny_config, tmp_path, monkeypatch):
     train.train_and_evaluate(tiny_config, tmp_path)
     tiny_config.max_seq_length = 16
     lengths = _recording_tokenize(monkeypatch)
-    evaluation.predict(tiny_config, tmp_path)
+    predict.predict(tiny_config, tmp_path)
     assert lengths and set(lengths) == {32}
 
 
