@@ -33,6 +33,7 @@ from adapter_jax import (
 )
 from adapter_jax import experiment as experiment_lib
 from adapter_jax.errors import CheckpointError, NonFiniteLoss, Preempted, WriteFailed
+from adapter_jax.results import RunResult
 
 SUMMARY_FILE = "summary.json"
 
@@ -239,26 +240,27 @@ def _train_and_evaluate(
     if not last_results:  # resumed after the final step was already checkpointed
         last_results = evaluator.evaluate(p_state.params, p_frozen, dev_data, task)
 
-    summary = {
-        "task": task.name,
-        "mode": config.mode,
-        "model": config.model,
-        "adapter_size": experiment.spec.adapter.size,
-        "learning_rate": config.learning_rate,
-        "num_epochs": config.num_epochs,
-        "num_train_steps": total_steps,
-        "seed": config.seed,
-        "top_k": config.top_k,
-        "main_metric": task.main_metric,
-        "score": progress.best_score,
-        "best_step": progress.best_step,
-        "dev_metrics": _flat_dev_metrics(task, progress.best_metrics),
-        "all_dev_metrics": progress.best_metrics,
-        "final_dev_metrics": last_results,
-        "skipped_steps": progress.skipped_steps,
-        "wall_time_s": earlier_wall_time + time.time() - start_time,
+    summary = RunResult(
+        task=task.name,
+        mode=experiment.spec.mode,
+        model=experiment.spec.model,
+        adapter_size=experiment.spec.adapter.size,
+        learning_rate=config.learning_rate,
+        # What ran: num_train_steps, when set, overrides the epochs.
+        num_epochs=total_steps / train_iter.steps_per_epoch if config.num_train_steps else config.num_epochs,
+        num_train_steps=total_steps,
+        seed=config.seed,
+        top_k=experiment.spec.top_k,
+        main_metric=task.main_metric,
+        score=progress.best_score,
+        best_step=progress.best_step,
+        dev_metrics=_flat_dev_metrics(task, progress.best_metrics),
+        all_dev_metrics=progress.best_metrics,
+        final_dev_metrics=last_results,
+        skipped_steps=progress.skipped_steps,
+        wall_time_s=earlier_wall_time + time.time() - start_time,
         **parameter_summary,
-    }
+    ).to_dict()
     if jax.process_index() == 0:  # last: a summary says that everything above is written
         run_utils.write_atomic(workdir / SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary

@@ -213,6 +213,14 @@ def test_predict_writes_submission_from_export(tiny_config, tmp_path):
     assert {r.split("\t")[1] for r in rows[1:]} <= {"entailment", "not_entailment"}
 
 
+def test_summary_records_the_epochs_that_ran(tiny_config, tmp_path):
+    """num_train_steps overrides num_epochs: 12 steps of 8 per epoch are 1.5 epochs, not the config's 2."""
+    tiny_config.num_train_steps = 12
+    summary = train.train_and_evaluate(tiny_config, tmp_path)
+    assert (summary["num_epochs"], summary["num_train_steps"]) == (1.5, 12)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
 def test_export_refuses_another_base_model(tiny_config, tmp_path, minilm_dir):
     train.train_and_evaluate(tiny_config, tmp_path)
     tiny_config.model = str(minilm_dir)
