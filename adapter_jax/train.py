@@ -240,26 +240,10 @@ def _train_and_evaluate(
     if not last_results:  # resumed after the final step was already checkpointed
         last_results = evaluator.evaluate(p_state.params, p_frozen, dev_data, task)
 
-    summary = RunResult(
-        task=task.name,
-        mode=experiment.spec.mode,
-        model=experiment.spec.model,
-        adapter_size=experiment.spec.adapter.size,
-        learning_rate=config.learning_rate,
-        # What ran: num_train_steps, when set, overrides the epochs.
-        num_epochs=total_steps / train_iter.steps_per_epoch if config.num_train_steps else config.num_epochs,
-        num_train_steps=total_steps,
-        seed=config.seed,
-        top_k=experiment.spec.top_k,
-        main_metric=task.main_metric,
-        score=progress.best_score,
-        best_step=progress.best_step,
-        dev_metrics=_flat_dev_metrics(task, progress.best_metrics),
-        all_dev_metrics=progress.best_metrics,
-        final_dev_metrics=last_results,
-        skipped_steps=progress.skipped_steps,
-        wall_time_s=earlier_wall_time + time.time() - start_time,
-        **parameter_summary,
+    summary = _run_result(
+        config, experiment, progress, last_results, total_steps=total_steps,
+        steps_per_epoch=train_iter.steps_per_epoch, wall_time_s=earlier_wall_time + time.time() - start_time,
+        parameter_summary=parameter_summary,
     ).to_dict()
     if jax.process_index() == 0:  # last: a summary says that everything above is written
         run_utils.write_atomic(workdir / SUMMARY_FILE, json.dumps(summary, indent=2))
@@ -280,6 +264,35 @@ def _closing_checkpoints(manager):
             checkpoint.close(manager)
         raise
     checkpoint.close(manager)
+
+
+def _run_result(
+    config: ml_collections.ConfigDict, experiment: experiment_lib.Experiment, progress: Progress,
+    last_results: dict, *, total_steps: int, steps_per_epoch: int, wall_time_s: float, parameter_summary: dict,
+) -> RunResult:
+    """What ran, and its best and last dev metrics."""
+    task, spec = experiment.task, experiment.spec
+    return RunResult(
+        task=task.name,
+        mode=spec.mode,
+        model=spec.model,
+        adapter_size=spec.adapter.size,
+        learning_rate=config.learning_rate,
+        # num_train_steps, when set, overrides the epochs.
+        num_epochs=total_steps / steps_per_epoch if config.num_train_steps else config.num_epochs,
+        num_train_steps=total_steps,
+        seed=config.seed,
+        top_k=spec.top_k,
+        main_metric=task.main_metric,
+        score=progress.best_score,
+        best_step=progress.best_step,
+        dev_metrics=_flat_dev_metrics(task, progress.best_metrics),
+        all_dev_metrics=progress.best_metrics,
+        final_dev_metrics=last_results,
+        skipped_steps=progress.skipped_steps,
+        wall_time_s=wall_time_s,
+        **parameter_summary,
+    )
 
 
 def _flat_dev_metrics(task, results: dict[str, dict[str, float]]) -> dict[str, float]:
