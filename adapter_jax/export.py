@@ -131,13 +131,21 @@ def load(
     config: ml_collections.ConfigDict, path: epath.PathLike, purpose: str = "predict"
 ) -> tuple[experiment_lib.Experiment, ml_collections.ConfigDict]:
     """The base model of config.model with the export at `path` on it, and the config that reads the
-    export's data (its task and sequence length; RunSpec.data_config), checked for `purpose` (a
-    validation.PURPOSES: "predict" needs the test files, "evaluate" dev alone). The model is the export's
-    run: its adapters, what trained and its head come from the export, not from the config."""
+    export's data (see `data_config`). The model is the export's run: its adapters, what trained and its head
+    come from the export, not from the config."""
     exported = read(path)
-    config = exported.spec.data_config(config)
-    model_folder = validation.validate_config(config, purpose=purpose)
+    config, model_folder = data_config(exported, config, purpose)
     return onto_base(exported, config, model_folder), config
+
+
+def data_config(
+    exported: Export, config: ml_collections.ConfigDict, purpose: str
+) -> tuple[ml_collections.ConfigDict, weights.ModelFolder]:
+    """`config` reading the export's data (its task and sequence length; RunSpec.data_config), checked for
+    `purpose` (a validation.PURPOSES: "predict" needs the test files, "evaluate" dev alone) but for the keys
+    the export decides; and the opened model folder."""
+    config = exported.spec.data_config(config)
+    return config, validation.validate_config(config, purpose=purpose, unread=run_spec.MODEL_KEYS)
 
 
 def onto_base(

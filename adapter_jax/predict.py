@@ -21,7 +21,6 @@ from adapter_jax import (
     steps,
     submission,
     tasks,
-    validation,
 )
 from adapter_jax.errors import CheckpointError
 from adapter_jax.evaluation import Evaluator, to_predictions
@@ -96,9 +95,7 @@ def predict_together(config: ml_collections.ConfigDict, workdirs: Sequence[epath
 
 def _predict_together(config: ml_collections.ConfigDict, workdirs: Mapping[str, epath.Path]) -> dict[str, Any]:
     exports = {name: export.read(workdir / export.EXPORT_DIR) for name, workdir in workdirs.items()}
-    data_configs = {name: exported.spec.data_config(config) for name, exported in exports.items()}
-    for data_config in data_configs.values():
-        validation.validate_config(data_config, purpose="predict")
+    data_configs = {name: export.data_config(exported, config, "predict")[0] for name, exported in exports.items()}
     bank = bank_lib.AdapterBank.holding(
         exports, config.model, batch_sizes=(config.eval_batch_size,), buckets=tuple(config.buckets)
     )

@@ -17,6 +17,9 @@ from adapter_jax.adapters import AdapterConfig
 # The keys `to_dict` writes and `from_dict` needs; the export's metadata format 1 holds them at its top level.
 KEYS = ("task", "model", "mode", "adapter", "top_k", "train_pooler", "max_seq_length")
 ADAPTER_KEYS = tuple(field.name for field in dataclasses.fields(AdapterConfig))
+# The config keys that shape the model and what trains: a run loaded from its export takes them from its
+# RunSpec, and never reads them from the config.
+MODEL_KEYS = ("mode", "adapter_size", "adapter_init_std", "adapter_sites", "adapter_layers", "top_k", "train_pooler")
 
 
 @dataclasses.dataclass(frozen=True)
