@@ -1,5 +1,5 @@
-"""Building a run from its config: the task, the base model with adapters, its parameters split by
-what trains, and the datasets."""
+"""Building a run from its config (or a loaded export's RunSpec): the task, the base model with adapters,
+its parameters split by what trains, and the datasets."""
 
 import dataclasses
 from typing import Any
@@ -18,7 +18,7 @@ from adapter_jax.run_spec import RunSpec
 class Experiment:
     """Everything a config defines before training: task, model, and parameters split by the mask."""
 
-    spec: RunSpec
+    spec: RunSpec  # the run the model is built from: the config's, or a loaded export's
     task: tasks.Task
     model_dir: epath.Path
     bert_config: BertConfig
