@@ -23,21 +23,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from adapter_jax import experiment as experiment_lib
 from adapter_jax import export, glue_data, input_pipeline, tasks, trainable, weights
 from adapter_jax.adapters import AdapterConfig
 from adapter_jax.errors import CheckpointError, ConfigError
 from adapter_jax.modeling import BertForSequenceClassification
 
-# What each task owns; everything else is the frozen base model, held once.
-TASK_OWNED_PATTERNS = (trainable.HEAD, trainable.LAYER_NORMS, trainable.ADAPTERS, trainable.POOLER)
 # Modes whose exports leave the rest of BERT as the base model's; top_k and full change shared weights.
 SERVABLE_MODES = ("adapters", "layernorm")
+# What a slot holds: whatever a servable mode may train, the pooler included; the rest is held once.
+SLOT_PATTERNS = tuple(
+    dict.fromkeys(pattern for mode in SERVABLE_MODES for pattern in trainable.TRAINABLE_PATTERNS[mode])
+) + (trainable.POOLER,)
 MAX_LABELS = max(task.num_labels for task in tasks.TASKS.values())
 
 
@@ -133,18 +133,16 @@ class AdapterBank:
         # Every site of every layer has an adapter slot: a task without one there holds zeros.
         self.model = BertForSequenceClassification(bert_config, AdapterConfig(size=max_adapter_size), MAX_LABELS)
         shapes = weights.abstract_params(self.model)
-        self._slot_shapes, _ = trainable.split(shapes, trainable.matches(shapes, TASK_OWNED_PATTERNS))
+        self._slot_shapes, _ = trainable.split(shapes, trainable.matches(shapes, SLOT_PATTERNS))
         _, pretrained = weights.load_pretrained(self.model_folder)
         self._model_name = model
         self._base_fingerprint = weights.fingerprint(pretrained)
         base = {"bert": pretrained}
         # The base's own LayerNorms and pooler: what a task that did not train them uses.
-        self._base_owned, shared = trainable.split(base, trainable.matches(base, TASK_OWNED_PATTERNS))
+        self._base_owned, shared = trainable.split(base, trainable.matches(base, SLOT_PATTERNS))
         self._shared = jax.device_put(shared)
         self._slots = jax.tree.map(lambda s: jnp.zeros((capacity, *s.shape), s.dtype), self._slot_shapes)
         self._tasks: dict[str, Slot] = {}
-        # An export's settings fill in the rest (export.config_for_export) to rebuild its model's shapes.
-        self._export_config = ml_collections.ConfigDict({"model": model, "dtype": "float32", "adapter_size": 1})
         self._logits_step = jax.jit(gathered_logits, static_argnums=0)
         self._write_step = jax.jit(_write_slot)
 
@@ -167,38 +165,49 @@ class AdapterBank:
             raise ConfigError(f"unknown task {name!r}; loaded: {', '.join(self._tasks) or 'none'}")
         return self._tasks[name]
 
-    def load(self, name: str, path: epath.PathLike) -> Slot:
-        """Puts the export at `path` (file, export folder or training workdir) in `name`'s slot, or a free one.
+    @classmethod
+    def holding(
+        cls, exports: Mapping[str, export.Export], model: str | None = None, *, capacity: int = 0, **options: Any
+    ) -> "AdapterBank":
+        """A bank on `model` (default: the base the first export names) sized to hold `exports`, each loaded
+        under its name; at least `capacity` slots. `options`: the rest of the constructor's (batch_sizes, ...)."""
+        specs = [exported.spec for exported in exports.values()]
+        bank = cls(
+            model or specs[0].model,
+            capacity=max(capacity, len(exports)),
+            max_adapter_size=max(spec.adapter.size for spec in specs),
+            max_seq_length=max(spec.max_seq_length for spec in specs),
+            **options,
+        )
+        for name, exported in exports.items():
+            bank.load(name, exported)
+        return bank
+
+    def load(self, name: str, source: epath.PathLike | export.Export) -> Slot:
+        """Puts an export (read already, or at a path: file, export folder or training workdir) in `name`'s
+        slot, or a free one.
 
         Refuses (errors.CheckpointError naming the file) an export of another base model, one whose shapes do
         not match its settings, one that changed shared weights (top_k, full), and one larger than the bank.
         """
-        trained, settings = export.read(path)
-        source = str(export.export_file(path))
-        if settings["mode"] not in SERVABLE_MODES:
+        exported = source if isinstance(source, export.Export) else export.read(source)
+        spec = exported.spec
+        if spec.mode not in SERVABLE_MODES:
             raise CheckpointError(
-                f"adapter export {source} was trained in mode {settings['mode']!r}, which changes the shared "
+                f"adapter export {exported.source} was trained in mode {spec.mode!r}, which changes the shared "
                 f"weights; a bank serves modes {SERVABLE_MODES}"
             )
-        size = settings["adapter"]["size"] if settings["mode"] == "adapters" else 0
-        if size > self.max_adapter_size or settings["max_seq_length"] > self.max_seq_length:
+        if spec.adapter.size > self.max_adapter_size or spec.max_seq_length > self.max_seq_length:
             raise CheckpointError(
-                f"adapter export {source} has adapter size {size} and max_seq_length {settings['max_seq_length']}; "
-                f"this bank holds at most {self.max_adapter_size} and {self.max_seq_length}"
+                f"adapter export {exported.source} has adapter size {spec.adapter.size} and max_seq_length "
+                f"{spec.max_seq_length}; this bank holds at most {self.max_adapter_size} and {self.max_seq_length}"
             )
-        config = export.config_for_export(self._export_config, settings)
-        task = tasks.get_task(config.task)
-        bert_config = self.model_folder.config
-        shapes = weights.abstract_params(experiment_lib.model_for(config, bert_config, task))
-        expected, _ = trainable.split(shapes, experiment_lib.trainable_mask(config, bert_config, shapes))
-        export.check_fits(
-            trained, settings, source, model=self._model_name, base_fingerprint=self._base_fingerprint,
-            expected_shapes=jax.tree.map(lambda shape: tuple(shape.shape), expected),
-        )
-        owned = trainable.merge(trained, self._base_owned)
-        index = self._tasks[name].index if name in self._tasks else self._free_slot(source)
+        export.check_fits(exported, model=self._model_name, base_fingerprint=self._base_fingerprint,
+                          bert_config=self.model_folder.config)
+        owned = trainable.merge(exported.params, self._base_owned)
+        index = self._tasks[name].index if name in self._tasks else self._free_slot(str(exported.source))
         self._slots = self._write_step(self._slots, jnp.int32(index), _padded_into(self._slot_shapes, owned))
-        self._tasks[name] = Slot(index, task, settings["max_seq_length"], source)
+        self._tasks[name] = Slot(index, tasks.get_task(spec.task), spec.max_seq_length, str(exported.source))
         return self._tasks[name]
 
     def _free_slot(self, source: str) -> int:

@@ -1,5 +1,5 @@
-"""Building a run from its config: the task, the base model with adapters, its parameters split by
-what trains, and the datasets."""
+"""Building a run from its config (or a loaded export's RunSpec): the task, the base model with adapters,
+its parameters split by what trains, and the datasets."""
 
 import dataclasses
 from typing import Any
@@ -10,14 +10,15 @@ import ml_collections
 from etils import epath
 
 from adapter_jax import glue_data, input_pipeline, tasks, trainable, weights
-from adapter_jax.adapters import AdapterConfig
 from adapter_jax.modeling import BertConfig, BertForSequenceClassification
+from adapter_jax.run_spec import RunSpec
 
 
 @dataclasses.dataclass
 class Experiment:
     """Everything a config defines before training: task, model, and parameters split by the mask."""
 
+    spec: RunSpec  # the run the model is built from: the config's, or a loaded export's
     task: tasks.Task
     model_dir: epath.Path
     bert_config: BertConfig
@@ -35,52 +36,40 @@ class Experiment:
         return trainable.parameter_summary(self.params, self.trainable_mask)
 
 
-def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig:
-    size = config.adapter_size if config.mode == "adapters" else 0
-    return AdapterConfig(
-        size=size,
-        init_std=config.adapter_init_std,
-        sites=tuple(config.adapter_sites),
-        layers=tuple(config.adapter_layers) or None,
-    )
-
-
-def model_for(config: ml_collections.ConfigDict, bert_config: BertConfig, task: tasks.Task) -> BertForSequenceClassification:
-    """BERT with the config's adapters and a head for `task`."""
+def model_for(spec: RunSpec, bert_config: BertConfig, dtype: str = "float32") -> BertForSequenceClassification:
+    """BERT with the run's adapters and a head for its task."""
     return BertForSequenceClassification(
-        config=bert_config,
-        adapter=adapter_config(config),
-        num_labels=task.num_labels,
-        dtype=jnp.dtype(config.dtype),
+        config=bert_config, adapter=spec.adapter, num_labels=spec.num_labels, dtype=jnp.dtype(dtype)
     )
 
 
-def trainable_mask(config: ml_collections.ConfigDict, bert_config: BertConfig, params: Any) -> dict:
-    """True for each parameter (or jax.ShapeDtypeStruct) of `params` that trains under the config's mode."""
-    return trainable.trainable_mask(
-        params,
-        mode=config.mode,
-        num_layers=bert_config.num_hidden_layers,
-        top_k=config.top_k,
-        train_pooler=config.train_pooler,
-    )
+def trainable_shapes(spec: RunSpec, bert_config: BertConfig) -> dict:
+    """The shapes (tuples) of the parameters the run trains on a base model of `bert_config`, built from
+    abstract parameters alone."""
+    shapes = weights.abstract_params(model_for(spec, bert_config))
+    trained, _ = trainable.split(shapes, spec.trainable_mask(shapes, bert_config.num_hidden_layers))
+    return jax.tree.map(lambda shape: tuple(shape.shape), trained)
 
 
-def build(config: ml_collections.ConfigDict, model_folder: weights.ModelFolder | None = None) -> Experiment:
-    """Loads the base model (from `model_folder` if already opened), adds adapters and a head, and
-    splits the parameters into trainable and frozen."""
-    task = tasks.get_task(config.task)
+def build(
+    config: ml_collections.ConfigDict, model_folder: weights.ModelFolder | None = None, spec: RunSpec | None = None
+) -> Experiment:
+    """Loads the base model of config.model (from `model_folder` if already opened), adds the adapters and
+    head of `spec` (default: the config's own run), and splits the parameters into trainable and frozen."""
+    spec = spec or RunSpec.from_config(config)
+    task = tasks.get_task(spec.task)
     model_folder = model_folder or weights.open_model_folder(config.model)
     bert_config, pretrained = weights.load_pretrained(model_folder)
     if config.dropout_rate >= 0:
         bert_config = dataclasses.replace(
             bert_config, hidden_dropout_prob=config.dropout_rate, attention_probs_dropout_prob=config.dropout_rate
         )
-    model = model_for(config, bert_config, task)
+    model = model_for(spec, bert_config, config.dtype)
     params = weights.init_params(model, pretrained, jax.random.PRNGKey(config.seed))
-    mask = trainable_mask(config, bert_config, params)
+    mask = spec.trainable_mask(params, bert_config.num_hidden_layers)
     trainable_params, frozen_params = trainable.split(params, mask)
     return Experiment(
+        spec=spec,
         task=task,
         model_dir=epath.Path(model_folder.path),
         bert_config=bert_config,

@@ -19,31 +19,37 @@ from etils import epath
 from flax import traverse_util
 
 from adapter_jax import experiment as experiment_lib
-from adapter_jax import weights
+from adapter_jax import run_spec, validation, weights
 from adapter_jax.errors import CheckpointError
+from adapter_jax.modeling import BertConfig
+from adapter_jax.run_spec import RunSpec
 from adapter_jax.workdir import EXPORT_FILE, Workdir, write_atomic, writing
 
 _METADATA_KEY = "adapter_jax"
 _SEPARATOR = "/"
-# The settings an export must carry to be rebuilt (config_for_export, onto_base).
-_REQUIRED_SETTINGS = ("task", "model", "base_fingerprint", "adapter", "mode", "top_k", "train_pooler", "max_seq_length")
-_REQUIRED_ADAPTER_SETTINGS = ("size", "init_std", "sites", "layers")
+# Format 1 (every export so far): the RunSpec's keys at the top level, beside the base model's fingerprint and
+# BERT config. A reader needs the spec and the fingerprint.
+_FORMAT = 1
+_REQUIRED_SETTINGS = (*run_spec.KEYS, "base_fingerprint")
 
 
-def metadata(config: ml_collections.ConfigDict, experiment: experiment_lib.Experiment) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Export:
+    """An export read back: the trained parameters, the run they belong to, and the base model they fit."""
+
+    params: dict  # the trainable subtree, nested
+    spec: RunSpec
+    base_fingerprint: str  # of the base model's weights (weights.fingerprint)
+    source: epath.Path  # the file, for messages
+
+
+def metadata(experiment: experiment_lib.Experiment) -> dict[str, Any]:
     """What an export must say so that it can be checked against a base model and rebuilt."""
     return {
-        "format": 1,
-        "task": experiment.task.name,
-        "model": config.model,
+        "format": _FORMAT,
+        **experiment.spec.to_dict(),
         "base_fingerprint": experiment.base_fingerprint,
         "bert_config": dataclasses.asdict(experiment.bert_config),
-        "adapter": dataclasses.asdict(experiment_lib.adapter_config(config)),
-        "mode": config.mode,
-        "top_k": config.top_k,
-        "train_pooler": config.train_pooler,
-        "num_labels": experiment.task.num_labels,
-        "max_seq_length": config.max_seq_length,
     }
 
 
@@ -69,8 +75,8 @@ def export_file(path: epath.PathLike) -> epath.Path:
     return in_workdir if in_workdir.exists() else path / EXPORT_FILE
 
 
-def read(path: epath.PathLike) -> tuple[dict, dict]:
-    """Reads an export written by `write` (see `export_file` for what `path` may be): (nested params, metadata)."""
+def read_raw(path: epath.PathLike) -> tuple[dict, dict]:
+    """The nested parameters and metadata of the export at `path` (see `export_file`), its keys checked."""
     path = export_file(path)
     if not path.exists():
         raise CheckpointError(f"adapter export not found: {path}")
@@ -86,7 +92,7 @@ def read(path: epath.PathLike) -> tuple[dict, dict]:
     missing = [key for key in _REQUIRED_SETTINGS if key not in settings]
     if "adapter" in settings:
         adapter = settings["adapter"] if isinstance(settings["adapter"], dict) else {}
-        missing += [f"adapter.{key}" for key in _REQUIRED_ADAPTER_SETTINGS if key not in adapter]
+        missing += [f"adapter.{key}" for key in run_spec.ADAPTER_KEYS if key not in adapter]
     if missing:
         raise CheckpointError(
             f"adapter export {path} lacks the settings {missing} in its {_METADATA_KEY!r} metadata; "
@@ -96,59 +102,57 @@ def read(path: epath.PathLike) -> tuple[dict, dict]:
     return params, settings
 
 
-def config_for_export(config: ml_collections.ConfigDict, settings: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """`config` with the export's own settings (task, what trained, adapters, sequence length) in place."""
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.task = settings["task"]
-        config.mode = settings["mode"]
-        config.top_k = settings["top_k"]
-        config.train_pooler = settings["train_pooler"]
-        config.adapter_size = settings["adapter"]["size"] or config.adapter_size
-        config.adapter_init_std = settings["adapter"]["init_std"]
-        config.adapter_sites = tuple(settings["adapter"]["sites"])
-        config.adapter_layers = tuple(settings["adapter"]["layers"] or ())
-        config.max_seq_length = settings["max_seq_length"]
-    return config
+def read(path: epath.PathLike) -> Export:
+    """Reads an export written by `write`; `path` may be the file, the folder holding it or the training workdir."""
+    params, settings = read_raw(path)
+    return Export(params, RunSpec.from_dict(settings), settings["base_fingerprint"], export_file(path))
 
 
-def check_fits(
-    trained: Mapping[str, Any],
-    settings: Mapping[str, Any],
-    source: epath.PathLike,
-    *,
-    model: str,
-    base_fingerprint: str,
-    expected_shapes: Mapping[str, Any],
-) -> None:
-    """Refuses (CheckpointError naming `source`) trained parameters from a base model other than `model`,
-    whose weights have `base_fingerprint`, or whose shapes differ from `expected_shapes` (a tree of tuples)."""
-    if settings["base_fingerprint"] != base_fingerprint:
+def check_fits(exported: Export, *, model: str, base_fingerprint: str, bert_config: BertConfig) -> None:
+    """Refuses (CheckpointError naming the export) an export trained on a base model other than `model`,
+    whose weights have `base_fingerprint` and config `bert_config`, or whose shapes differ from its run's."""
+    if exported.base_fingerprint != base_fingerprint:
         raise CheckpointError(
-            f"adapter export {source} was trained on base model {settings['model']!r} "
-            f"(weights sha256 {settings['base_fingerprint'][:12]}...), but {model!r} has weights "
+            f"adapter export {exported.source} was trained on base model {exported.spec.model!r} "
+            f"(weights sha256 {exported.base_fingerprint[:12]}...), but {model!r} has weights "
             f"sha256 {base_fingerprint[:12]}...; load it onto the base it was trained on"
         )
-    found = jax.tree.map(np.shape, dict(trained))
-    if dict(expected_shapes) != found:
+    expected = experiment_lib.trainable_shapes(exported.spec, bert_config)
+    found = jax.tree.map(np.shape, exported.params)
+    if expected != found:
         raise CheckpointError(
-            f"adapter export {source} does not match the model built from its settings: "
-            f"expected parameter shapes {expected_shapes}, found {found}"
+            f"adapter export {exported.source} does not match the model built from its settings: "
+            f"expected parameter shapes {expected}, found {found}"
         )
+
+
+def load(
+    config: ml_collections.ConfigDict, path: epath.PathLike, purpose: str = "predict"
+) -> tuple[experiment_lib.Experiment, ml_collections.ConfigDict]:
+    """The base model of config.model with the export at `path` on it, and the config that reads the
+    export's data (see `data_config`). The model is the export's run: its adapters, what trained and its head
+    come from the export, not from the config."""
+    exported = read(path)
+    config, model_folder = data_config(exported, config, purpose)
+    return onto_base(exported, config, model_folder), config
+
+
+def data_config(
+    exported: Export, config: ml_collections.ConfigDict, purpose: str
+) -> tuple[ml_collections.ConfigDict, weights.ModelFolder]:
+    """`config` reading the export's data (its task and sequence length; RunSpec.data_config), checked for
+    `purpose` (a validation.PURPOSES: "predict" needs the test files, "evaluate" dev alone) but for the keys
+    the export decides; and the opened model folder."""
+    config = exported.spec.data_config(config)
+    return config, validation.validate_config(config, purpose=purpose, unread=run_spec.MODEL_KEYS)
 
 
 def onto_base(
-    config: ml_collections.ConfigDict,
-    trained: Mapping[str, Any],
-    settings: Mapping[str, Any],
-    source: epath.PathLike,
-    model_folder: weights.ModelFolder | None = None,
+    exported: Export, config: ml_collections.ConfigDict, model_folder: weights.ModelFolder | None = None
 ) -> experiment_lib.Experiment:
-    """Builds `config` (which carries the export's settings) with the trained parameters read from
-    `source`; refuses a base model other than the one they were trained on, or mismatched shapes."""
-    experiment = experiment_lib.build(config, model_folder)
-    check_fits(
-        trained, settings, source, model=config.model, base_fingerprint=experiment.base_fingerprint,
-        expected_shapes=jax.tree.map(np.shape, experiment.trainable_params),
-    )
-    return dataclasses.replace(experiment, trainable_params=dict(trained))
+    """The export's run built on config.model, with its trained parameters; refuses a base model other than
+    the one they were trained on, or mismatched shapes."""
+    experiment = experiment_lib.build(config, model_folder, spec=exported.spec)
+    check_fits(exported, model=config.model, base_fingerprint=experiment.base_fingerprint,
+               bert_config=experiment.bert_config)
+    return dataclasses.replace(experiment, trainable_params=exported.params)

@@ -2,7 +2,7 @@
 
     python -m adapter_jax.main --config=configs/glue.py:rte --workdir=/tmp/rte [--action=predict]
 
-Several --workdir with --action=predict predict all their tasks in one pass (evaluation.predict_together):
+Several --workdir with --action=predict predict all their tasks in one pass (predict.predict_together):
 
     python -m adapter_jax.main --config=configs/glue.py:rte --workdir=/tmp/rte --workdir=/tmp/sst2 --action=predict
 """
@@ -13,7 +13,7 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from adapter_jax import cli, distributed, evaluation, train
+from adapter_jax import cli, distributed, predict, train
 from adapter_jax.workdir import Workdir
 
 FLAGS = flags.FLAGS
@@ -41,9 +41,9 @@ def main(argv: list[str]) -> None:
     cli.start(Workdir(workdirs[0]).log_file())
     logging.info("JAX devices: %d local, %d global", jax.local_device_count(), jax.device_count())
     if len(workdirs) > 1:
-        run, workdir = evaluation.predict_together, workdirs
+        run, workdir = predict.predict_together, workdirs
     else:
-        run, workdir = (train.train_and_evaluate if FLAGS.action == "train" else evaluation.predict), workdirs[0]
+        run, workdir = (train.train_and_evaluate if FLAGS.action == "train" else predict.predict), workdirs[0]
     with cli.exit_codes():
         result = run(FLAGS.config, workdir)
     print(json.dumps(result, indent=2, default=str))

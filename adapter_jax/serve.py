@@ -147,17 +147,8 @@ def load_bank(adapters: Sequence[str], model: str | None, capacity: int, batch_s
         if not separator or not name or not path:
             raise AdapterJaxError(f"--adapters: {item!r} is not NAME=PATH")
         pairs.append((name, path))
-    settings = [export.read(path)[1] for _, path in pairs]
-    bank = bank_lib.AdapterBank(
-        model or settings[0]["model"],
-        capacity=max(capacity, len(pairs)),
-        max_adapter_size=max(s["adapter"]["size"] if s["mode"] == "adapters" else 0 for s in settings),
-        max_seq_length=max(s["max_seq_length"] for s in settings),
-        batch_sizes=batch_sizes,
-    )
-    for name, path in pairs:
-        bank.load(name, path)
-    return bank
+    exports = {name: export.read(path) for name, path in pairs}
+    return bank_lib.AdapterBank.holding(exports, model, capacity=capacity, batch_sizes=batch_sizes)
 
 
 def main(argv: list[str]) -> None:

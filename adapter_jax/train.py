@@ -33,6 +33,7 @@ from adapter_jax import experiment as experiment_lib
 from adapter_jax.errors import CheckpointError, NonFiniteLoss, Preempted, WriteFailed
 from adapter_jax.history import HistoryWriter
 from adapter_jax.logs import console
+from adapter_jax.results import RunResult
 from adapter_jax.stop_signals import StopSignals
 from adapter_jax.workdir import Workdir, WorkdirLock, is_primary_process, write_shared
 
@@ -152,26 +153,11 @@ def _train_and_evaluate(
     loop = _Loop(config, workdir, setup, manager, state, progress, start_time)
     last_results = loop.run(dev_data)
 
-    summary = {
-        "task": task.name,
-        "mode": config.mode,
-        "model": config.model,
-        "adapter_size": experiment_lib.adapter_config(config).size,
-        "learning_rate": config.learning_rate,
-        "num_epochs": config.num_epochs,
-        "num_train_steps": setup.total_steps,
-        "seed": config.seed,
-        "top_k": config.top_k,
-        "main_metric": task.main_metric,
-        "score": progress.best_score,
-        "best_step": progress.best_step,
-        "dev_metrics": _flat_dev_metrics(task, progress.best_metrics),
-        "all_dev_metrics": progress.best_metrics,
-        "final_dev_metrics": last_results,
-        "skipped_steps": progress.skipped_steps,
-        "wall_time_s": loop.wall_time_s(),
-        **setup.parameter_summary,
-    }
+    summary = _run_result(
+        config, setup.experiment, progress, last_results, total_steps=setup.total_steps,
+        steps_per_epoch=setup.train_iter.steps_per_epoch, wall_time_s=loop.wall_time_s(),
+        parameter_summary=setup.parameter_summary,
+    ).to_dict()
     write_shared(workdir.summary, json.dumps(summary, indent=2))  # last: it says that everything above is written
     return summary
 
@@ -264,7 +250,7 @@ class _Loop:
         is_best = self.progress.record(step, metrics.main_score(task, results[task.dev_splits[0]]), results)
         if is_best and is_primary_process():  # every host keeps the best score; one writes the export
             export.write(self.workdir.export_dir, steps.unreplicate(self.p_state.params),
-                         export.metadata(self.config, self.setup.experiment))
+                         export.metadata(self.setup.experiment))
         return results
 
 
@@ -282,6 +268,35 @@ def _closing_checkpoints(manager):
             checkpoint.close(manager)
         raise
     checkpoint.close(manager)
+
+
+def _run_result(
+    config: ml_collections.ConfigDict, experiment: experiment_lib.Experiment, progress: Progress,
+    last_results: dict, *, total_steps: int, steps_per_epoch: int, wall_time_s: float, parameter_summary: dict,
+) -> RunResult:
+    """What ran, and its best and last dev metrics."""
+    task, spec = experiment.task, experiment.spec
+    return RunResult(
+        task=task.name,
+        mode=spec.mode,
+        model=spec.model,
+        adapter_size=spec.adapter.size,
+        learning_rate=config.learning_rate,
+        # num_train_steps, when set, overrides the epochs.
+        num_epochs=total_steps / steps_per_epoch if config.num_train_steps else config.num_epochs,
+        num_train_steps=total_steps,
+        seed=config.seed,
+        top_k=spec.top_k,
+        main_metric=task.main_metric,
+        score=progress.best_score,
+        best_step=progress.best_step,
+        dev_metrics=_flat_dev_metrics(task, progress.best_metrics),
+        all_dev_metrics=progress.best_metrics,
+        final_dev_metrics=last_results,
+        skipped_steps=progress.skipped_steps,
+        wall_time_s=wall_time_s,
+        **parameter_summary,
+    )
 
 
 def _flat_dev_metrics(task, results: dict[str, dict[str, float]]) -> dict[str, float]:

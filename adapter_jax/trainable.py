@@ -30,8 +30,9 @@ TRAINABLE_PATTERNS: Mapping[str, tuple[str, ...]] = {
     "full": (r".*",),
 }
 MODES = tuple(TRAINABLE_PATTERNS)
-# What a task adds to the base model; the paper's "trained parameters per task" are a fraction of the rest.
-TASK_ADDED_PATTERNS = (HEAD, ADAPTERS)
+# Parameters the base model does not have (a task adds them, whatever its mode); the paper's "trained
+# parameters per task" are a fraction of the others, the base model's.
+NOT_IN_BASE_PATTERNS = (HEAD, ADAPTERS)
 # BERT's AdamW does not decay LayerNorm parameters or biases.
 NOT_DECAYED_PATTERNS = (LAYER_NORMS, r".*/bias")
 
@@ -87,7 +88,7 @@ def count(params: Params) -> int:
 def parameter_summary(params: Params, mask: Params) -> dict[str, Any]:
     """Parameter counts; the fraction is trained parameters per task over the base model's, as in the paper."""
     trained, _ = split(params, mask)
-    _, base = split(params, matches(params, TASK_ADDED_PATTERNS))
+    _, base = split(params, matches(params, NOT_IN_BASE_PATTERNS))
     return {
         "total_params": count(params),
         "base_params": count(base),

@@ -3,7 +3,7 @@
 import json
 import math
 import shlex
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import jax
@@ -89,13 +89,15 @@ Problem = tuple[str, str]
 
 
 def validate_config(
-    config: ml_collections.ConfigDict, workdir: epath.PathLike | None = None, *, purpose: str = "train"
+    config: ml_collections.ConfigDict, workdir: epath.PathLike | None = None, *, purpose: str = "train",
+    unread: Collection[str] = (),
 ) -> weights.ModelFolder:
     """Raises ConfigError listing every problem, each with the key at fault and what is allowed.
 
     `purpose` (one of PURPOSES) says which data files must exist: training needs train and dev, prediction
-    dev and test (and, for MNLI, AX's test file), evaluation dev alone. Returns the opened model folder, so that
-    the run need not find it again.
+    dev and test (and, for MNLI, AX's test file), evaluation dev alone. Problems of the `unread` keys are left
+    out: an export's run decides them, not the config (run_spec.MODEL_KEYS). Returns the opened model folder,
+    so that the run need not find it again.
     """
     if purpose not in PURPOSES:
         raise ValueError(f"purpose must be one of {PURPOSES}, not {purpose!r}")
@@ -112,6 +114,7 @@ def validate_config(
     problems += _consistency_problems(config, bad_keys, purpose, model_folder)
     if workdir is not None:
         problems += _workdir_problems(config, epath.Path(workdir))
+    problems = [(key, message) for key, message in problems if key not in unread]
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(f"  - {key}: {message}" for key, message in problems))
     return model_folder

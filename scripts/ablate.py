@@ -37,6 +37,8 @@ from adapter_jax import (
     cli,
     distributed,
     evaluation,
+    export,
+    figures,
     input_pipeline,
     metrics,
     steps,
@@ -46,7 +48,6 @@ from adapter_jax import (
 from adapter_jax import experiment as experiment_lib
 from adapter_jax.errors import CheckpointError, ConfigError
 from adapter_jax.workdir import Workdir, is_primary_process, write_atomic
-from scripts import report
 
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "glue.py")
 RESULTS_FILE = "ablation.json"
@@ -160,9 +161,9 @@ class Ablator:
 def ablate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
     """Dev scores of the adapters exported in `workdir` with every span of layers removed; see the module doc."""
     export_path = Workdir(workdir).export_dir
-    experiment, config = evaluation.load_export(config, export_path, purpose="evaluate")
-    if config.mode != "adapters":
-        raise CheckpointError(f"{export_path} holds a {config.mode!r} run, which has no adapters to remove")
+    experiment, config = export.load(config, export_path, purpose="evaluate")
+    if experiment.spec.mode != "adapters":
+        raise CheckpointError(f"{export_path} holds a {experiment.spec.mode!r} run, which has no adapters to remove")
     task = experiment.task
     split = task.dev_splits[0]
     tokenizer = input_pipeline.load_tokenizer(experiment.model_dir)
@@ -183,7 +184,7 @@ def ablate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[s
         "metric": task.main_metric,
         "num_examples": len(dataset),
         "num_layers": ablator.num_layers,
-        "adapter_layers": list(config.adapter_layers) or list(range(ablator.num_layers)),
+        "adapter_layers": list(experiment.spec.adapter.layers or range(ablator.num_layers)),
         "model": config.model,
         "export": str(export_path),
         "unablated": metrics.main_score(task, unablated),
@@ -235,7 +236,7 @@ def plot(results: Mapping[str, Any], path: epath.PathLike) -> matplotlib.figure.
     )
     fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7, wrap=True)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    report.save_figure(fig, path)
+    figures.save_figure(fig, path)
     return fig
 
 

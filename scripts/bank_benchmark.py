@@ -81,7 +81,7 @@ def main(argv: list[str]) -> None:
         for task in range(max(counts)):
             trained = jax.tree.map(lambda x: np.asarray(x) + rng.normal(0, 0.01, np.shape(x)).astype(np.float32),
                                    setup.trainable_params)
-            bank.load(f"task{task}", export.write(f"{folder}/{task}", trained, export.metadata(config, setup)))
+            bank.load(f"task{task}", export.write(f"{folder}/{task}", trained, export.metadata(setup)))
 
     single = jax.jit(lambda params, ids, types, m: setup.model.apply({"params": params}, ids, types, m))
     params = setup.params

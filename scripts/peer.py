@@ -13,38 +13,39 @@ from typing import Any
 from absl import app, flags
 
 from adapter_jax import cli, reference, tasks
+from adapter_jax.results import RunResult
 
 # The peer's metric names -> ours.
 _METRIC_NAMES = {"matthews_correlation": "matthews_corr", "spearmanr": "spearman"}
 
 
-def to_result(peer: dict[str, Any], task: tasks.Task, adapter_size: int, max_train_examples: int) -> dict[str, Any]:
-    """The peer's output as a results.jsonl line in our schema."""
+def to_result(peer: dict[str, Any], task: tasks.Task, adapter_size: int, max_train_examples: int) -> RunResult:
+    """The peer's output as a result in our schema (a results.RunResult)."""
     dev = {_METRIC_NAMES.get(k, k): v for k, v in peer["dev"].items()}
-    return {
-        "task": task.name,
-        "mode": "full" if peer["mode"] == "full" else "adapters",
-        "model": peer["model"],
-        "adapter_size": 0 if peer["mode"] == "full" else adapter_size,
-        "learning_rate": peer["lr"],
-        "num_epochs": peer["epochs"],
-        "seed": peer["seed"],
-        "top_k": 0,
-        "main_metric": task.main_metric,
-        "score": dev[task.main_metric],
-        "dev_metrics": dev,
-        "total_params": peer["total_params"],
-        "trainable_params": peer["trainable_params"],
+    return RunResult(
+        task=task.name,
+        mode="full" if peer["mode"] == "full" else "adapters",
+        model=peer["model"],
+        adapter_size=0 if peer["mode"] == "full" else adapter_size,
+        learning_rate=peer["lr"],
+        num_epochs=peer["epochs"],
+        seed=peer["seed"],
+        top_k=0,
+        main_metric=task.main_metric,
+        score=dev[task.main_metric],
+        dev_metrics=dev,
+        total_params=peer["total_params"],
+        trainable_params=peer["trainable_params"],
         # over the base model's parameters, as ours: total less what the adapters and head add
-        "trainable_fraction": peer["trainable_params"] / (
+        trainable_fraction=peer["trainable_params"] / (
             peer["total_params"] - peer["trainable_breakdown"]["adapter"] - peer["trainable_breakdown"]["head"]
         ),
-        "wall_time_s": peer["wall_s"],
-        "train_examples_per_s": peer["train_examples_per_s"],
-        "max_train_examples": max_train_examples,
-        "source": "adapterhub",
-        "library": peer["library"],
-    }
+        wall_time_s=peer["wall_s"],
+        train_examples_per_s=peer["train_examples_per_s"],
+        max_train_examples=max_train_examples,
+        source="adapterhub",
+        library=peer["library"],
+    )
 
 
 FLAGS = flags.FLAGS
@@ -72,11 +73,11 @@ def main(argv: list[str]) -> None:
             learning_rate=FLAGS.learning_rate, epochs=FLAGS.epochs, adapter_size=FLAGS.adapter_size,
             seed=FLAGS.seed,
         ))
-    result = to_result(peer, task, FLAGS.adapter_size, FLAGS.max_train_examples)
-    print(json.dumps(result))
+    line = json.dumps(to_result(peer, task, FLAGS.adapter_size, FLAGS.max_train_examples).to_dict())
+    print(line)
     if FLAGS.results:
         with open(FLAGS.results, "a") as f:
-            f.write(json.dumps(result) + "\n")
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -16,13 +16,12 @@ rate, epochs, seeds and, for "adapters (best size)", the adapter size). Our scor
 import argparse
 import collections
 import dataclasses
-import io
 import json
 import math
 import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import matplotlib
 from etils import epath
@@ -33,13 +32,12 @@ import matplotlib.pyplot as plt
 
 from adapter_jax import cli, metrics, paper, submission, tasks
 from adapter_jax.errors import DataError
+from adapter_jax.figures import save_figure
+from adapter_jax.results import OUR_SOURCE, RunResult
 
-Run = dict[str, Any]
 Method = tuple[str, str]  # (source, method name)
-BestRuns = dict[Method, dict[str, Run]]  # method -> task -> its best run
+BestRuns = dict[Method, dict[str, RunResult]]  # method -> task -> its best run
 
-REQUIRED_KEYS = ("task", "mode", "score")
-OUR_SOURCE = "adapter-jax"
 BEST_SIZE = "adapters (best size)"
 PAPER_SOURCE = "paper (GLUE test)"
 TRADEOFF_FILE = "tradeoff.png"
@@ -50,7 +48,7 @@ NUM_GLUE_TASKS = len(tasks.GLUE_TASKS)
 _MISMATCHED = re.compile(r"mismatched|(^|[^a-z])mm([^a-z]|$)")
 
 
-def load_results(paths: Iterable[epath.PathLike]) -> list[Run]:
+def load_results(paths: Iterable[epath.PathLike]) -> list[RunResult]:
     """Every run in the given results.jsonl files (local or gs://), in file order; a malformed line raises
     DataError naming it."""
     runs = []
@@ -61,58 +59,54 @@ def load_results(paths: Iterable[epath.PathLike]) -> list[Run]:
             if not line.strip():
                 continue
             try:
-                run = json.loads(line)
+                runs.append(RunResult.from_dict(json.loads(line)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not JSON ({e.msg})") from e
-            missing = [key for key in REQUIRED_KEYS if key not in run]
-            if missing:
-                raise DataError(f"{path}:{lineno}: missing keys {missing}")
-            if not isinstance(run["score"], (int, float)) or not math.isfinite(run["score"]):
-                raise DataError(f"{path}:{lineno}: score must be a finite number, got {run['score']!r}")
-            runs.append(run)
+            except DataError as e:
+                raise DataError(f"{path}:{lineno}: {e}") from e
     return runs
 
 
-def method_of(run: Run) -> str:
+def method_of(run: RunResult) -> str:
     """The run's method as the table names it, e.g. "adapters (size 64)", "top_k (k=3)", "full fine-tuning"."""
-    mode = run["mode"]
+    mode = run.mode
     if mode == "adapters":
-        return f"adapters (size {run['adapter_size']})"
+        return f"adapters (size {run.adapter_size})"
     if mode == "full":
         return "full fine-tuning"
     if mode == "top_k":
-        return f"top_k (k={run['top_k']})"
+        return f"top_k (k={run.top_k})"
     return mode
 
 
-def column_scores(run: Run) -> dict[str, float]:
+def column_scores(run: RunResult) -> dict[str, float]:
     """The Table 1 columns this run fills, in percent. An MNLI run fills MNLI-m (its score) and MNLI-mm."""
-    task = run["task"].lower().replace("-", "_")
+    task = run.task.lower().replace("-", "_")
     task = {"sst_2": "sst2", "sts_b": "stsb", "mnli_matched": "mnli_m", "mnli_mismatched": "mnli_mm"}.get(task, task)
     if task != "mnli":
-        return {task: 100 * run["score"]} if task in paper.COLUMNS else {}
-    scores = {"mnli_m": 100 * run["score"]}
-    mismatched = [v for k, v in (run.get("dev_metrics") or {}).items() if _MISMATCHED.search(k.lower())]
+        return {task: 100 * run.score} if task in paper.COLUMNS else {}
+    scores = {"mnli_m": 100 * run.score}
+    mismatched = [v for k, v in (run.dev_metrics or {}).items() if _MISMATCHED.search(k.lower())]
     if mismatched:
         scores["mnli_mm"] = 100 * mismatched[0]
     return scores
 
 
-def best_runs(runs: Iterable[Run]) -> BestRuns:
+def best_runs(runs: Iterable[RunResult]) -> BestRuns:
     """For each (source, method) and task, the run with the best dev score; ties go to fewer trained params."""
     best: BestRuns = collections.defaultdict(dict)
     for run in runs:
-        source = run.get("source", OUR_SOURCE)
-        methods = [method_of(run)] + ([BEST_SIZE] if run["mode"] == "adapters" else [])
+        source = run.trainer
+        methods = [method_of(run)] + ([BEST_SIZE] if run.mode == "adapters" else [])
         for method in methods:
-            current = best[source, method].get(run["task"])
+            current = best[source, method].get(run.task)
             if current is None or _rank(run) > _rank(current):
-                best[source, method][run["task"]] = run
+                best[source, method][run.task] = run
     return dict(best)
 
 
-def _rank(run: Run) -> tuple[float, float]:
-    return run["score"], -(run.get("trainable_params") or 0)
+def _rank(run: RunResult) -> tuple[float, float]:
+    return run.score, -(run.trainable_params or 0)
 
 
 def _method_order(method: Method) -> tuple:
@@ -138,7 +132,7 @@ class _Row:
         return statistics.fmean(values) if values else None
 
 
-def glue_score(by_task: Mapping[str, Run]) -> float:
+def glue_score(by_task: Mapping[str, RunResult]) -> float:
     """The GLUE score, in percent, of one method's best run per task; NaN unless they cover all nine tasks.
 
     It needs every metric of every dev split (MNLI's two), which our runs keep in `all_dev_metrics`.
@@ -147,7 +141,7 @@ def glue_score(by_task: Mapping[str, Run]) -> float:
         tasks.TASKS[name].result_name(split): split_metrics
         for name, run in by_task.items()
         if name in tasks.TASKS
-        for split, split_metrics in (run.get("all_dev_metrics") or {}).items()
+        for split, split_metrics in (run.all_dev_metrics or {}).items()
     }
     if not set(tasks.GLUE_SCORE_COLUMNS) <= set(per_column):
         return math.nan
@@ -161,7 +155,7 @@ def _rows(best: BestRuns) -> list[_Row]:
     for method in sorted(best, key=_method_order):
         by_task = best[method]
         scores = {c: s for run in by_task.values() for c, s in column_scores(run).items()}
-        fractions = [run["trainable_fraction"] for run in by_task.values() if "trainable_fraction" in run]
+        fractions = [run.trainable_fraction for run in by_task.values() if run.trainable_fraction is not None]
         fraction = statistics.fmean(fractions) if fractions else math.nan
         # The paper's convention: one shared base model (unless every task trains all of it) plus, for each of
         # the nine GLUE tasks, the parameters it trains; we extrapolate our tasks' mean to nine.
@@ -180,6 +174,10 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None or math.isnan(value) else f"{value:{spec}}{suffix}"
 
 
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
 def _percent(fraction: float) -> str:
     percent = 100 * fraction
     return _fmt(percent, ".0f" if percent >= 10 else ".2g", "%")
@@ -191,7 +189,7 @@ def _markdown(header: Sequence[str], body: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_table(best: BestRuns, runs: Sequence[Run] = ()) -> str:
+def render_table(best: BestRuns, runs: Sequence[RunResult] = ()) -> str:
     """Markdown: Table 1 in the paper's layout with its rows beside ours, then every run in `runs`."""
     rows = _rows(best)
     avg_columns = _our_columns(rows)
@@ -224,21 +222,20 @@ def render_table(best: BestRuns, runs: Sequence[Run] = ()) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def _render_runs(best: BestRuns, runs: Sequence[Run]) -> str:
+def _render_runs(best: BestRuns, runs: Sequence[RunResult]) -> str:
     selected = {id(run) for by_task in best.values() for run in by_task.values()}
     header = ["Task", "Method", "Source", "LR", "Epochs", "Size", "Seed", "Score", "Trained params", "Wall time (min)",
               "Selected"]
 
-    def key(r: Run) -> tuple:
-        method = (r.get("source", OUR_SOURCE), method_of(r))
-        return r["task"], _method_order(method), r.get("learning_rate", 0), r.get("num_epochs", 0), r.get("seed", 0)
+    def key(r: RunResult) -> tuple:
+        return r.task, _method_order((r.trainer, method_of(r))), r.learning_rate or 0, r.num_epochs or 0, r.seed or 0
 
     body = [
         [
-            run["task"], method_of(run), run.get("source", OUR_SOURCE), _fmt(run.get("learning_rate"), "g"),
-            _fmt(run.get("num_epochs"), "g"), _fmt(run.get("adapter_size"), "g"), _fmt(run.get("seed"), "g"),
-            _fmt(100 * run["score"], ".2f"), _percent(run.get("trainable_fraction", math.nan)),
-            _fmt(run.get("wall_time_s", math.nan) / 60, ".1f"), "yes" if id(run) in selected else "",
+            run.task, method_of(run), run.trainer, _fmt(run.learning_rate, "g"),
+            _fmt(run.num_epochs, "g"), _fmt(run.adapter_size, "g"), _fmt(run.seed, "g"),
+            _fmt(100 * run.score, ".2f"), _percent(_or_nan(run.trainable_fraction)),
+            _fmt(_or_nan(run.wall_time_s) / 60, ".1f"), "yes" if id(run) in selected else "",
         ]
         for run in sorted(runs, key=key)
     ]
@@ -298,17 +295,6 @@ def plot(best: BestRuns, path: epath.PathLike, per_task: bool = False) -> epath.
     return save_figure(fig, path)
 
 
-def save_figure(fig: matplotlib.figure.Figure, path: epath.PathLike) -> epath.Path:
-    """Writes `fig` as a PNG to `path` (local or gs://, its folder created) and closes it."""
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    path.write_bytes(buffer.getvalue())
-    plt.close(fig)
-    return path
-
-
 # The methods of the paper's trade-off (Figures 3-4), by mode, in legend order.
 TRADEOFF_METHODS: Mapping[str, str] = {
     "adapters": "adapters (size m)",
@@ -328,30 +314,31 @@ class TradeoffPoint(NamedTuple):
     setting: str  # that setting, e.g. "lr 0.003, 3 epochs"
 
 
-def _setting(run: Run) -> tuple:
+def _setting(run: RunResult) -> tuple:
     """What the seeds of one setting share: source, task, method and point, learning rate and epochs."""
-    return run.get("source", OUR_SOURCE), run["task"], method_of(run), run.get("learning_rate"), run.get("num_epochs")
+    return run.trainer, run.task, method_of(run), run.learning_rate, run.num_epochs
 
 
-def tradeoff_points(best: BestRuns, runs: Iterable[Run] = ()) -> dict[str, dict[Method, list[TradeoffPoint]]]:
+def tradeoff_points(best: BestRuns, runs: Iterable[RunResult] = ()) -> dict[str, dict[Method, list[TradeoffPoint]]]:
     """Task -> (source, mode) -> that method's points, fewest trained parameters first: at each adapter size
     or k, the best dev run over learning rate, epochs and seeds (best_runs' choice), with the scores of every
     seed among `runs` that shares its learning rate and epochs (its own score alone if `runs` is empty)."""
     seeds = collections.defaultdict(list)
     for run in runs:
-        seeds[_setting(run)].append(100 * run["score"])
+        seeds[_setting(run)].append(100 * run.score)
     points: dict[str, dict[Method, list[TradeoffPoint]]] = collections.defaultdict(dict)
     for (source, method), by_task in best.items():
         if method == BEST_SIZE:
             continue
         for task, run in by_task.items():
-            if run["mode"] not in TRADEOFF_METHODS or not run.get("trainable_params"):
+            if run.mode not in TRADEOFF_METHODS or not run.trainable_params:
                 continue
-            label = {"adapters": f"m={run.get('adapter_size')}", "top_k": f"k={run.get('top_k')}"}.get(run["mode"], "")
-            setting = f"lr {run.get('learning_rate', '?'):g}, {run.get('num_epochs', '?')} epochs"
-            line = points[task].setdefault((source, run["mode"]), [])
-            scores = tuple(seeds.get(_setting(run), [100 * run["score"]]))
-            line.append(TradeoffPoint(run["trainable_params"], 100 * run["score"], label, scores, setting))
+            label = {"adapters": f"m={run.adapter_size}", "top_k": f"k={run.top_k}"}.get(run.mode, "")
+            epochs = "?" if run.num_epochs is None else run.num_epochs
+            setting = f"lr {_fmt(run.learning_rate, 'g')}, {epochs} epochs"
+            line = points[task].setdefault((source, run.mode), [])
+            scores = tuple(seeds.get(_setting(run), [100 * run.score]))
+            line.append(TradeoffPoint(run.trainable_params, 100 * run.score, label, scores, setting))
     return {task: {method: sorted(line) for method, line in lines.items()} for task, lines in sorted(points.items())}
 
 
@@ -388,7 +375,7 @@ def _line_order(source: str, mode: str) -> tuple:
     return source != OUR_SOURCE, source, list(TRADEOFF_METHODS).index(mode)
 
 
-def plot_tradeoff(best: BestRuns, path: epath.PathLike, runs: Sequence[Run] = ()) -> matplotlib.figure.Figure:
+def plot_tradeoff(best: BestRuns, path: epath.PathLike, runs: Sequence[RunResult] = ()) -> matplotlib.figure.Figure:
     """The paper's Figures 3-4 kind, one panel per task: best dev score against trained parameters (log x),
     one line per method (adapter sizes, top-k depths, LayerNorm only, full fine-tuning), other sources dashed.
     Where `runs` hold several seeds of a point's best setting, a bar spans their range and a dash marks their mean.
@@ -448,11 +435,11 @@ def copy_submission(best: BestRuns, method: Method, out_dir: epath.PathLike) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     copied = []
     for task, run in sorted(best[method].items()):
-        predictions = run.get("test_predictions_dir")
+        predictions = run.test_predictions_dir
         if predictions is None:
             continue
         if task not in tasks.TASKS:
-            raise DataError(f"{run.get('workdir', task)}: unknown task {task!r}; cannot tell which predictions it needs")
+            raise DataError(f"{run.workdir or task}: unknown task {task!r}; cannot tell which predictions it needs")
         # Every file the task's test sets need: a sweep stopped between two files (MNLI-m, MNLI-mm) left one.
         files = [epath.Path(predictions) / name for name in submission.expected_files(tasks.TASKS[task])]
         missing = [f.name for f in files if not f.exists()]
@@ -499,7 +486,7 @@ def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.submission_dir:
         method = (args.submission_source, args.submission_method)
         copied = copy_submission(best, method, args.submission_dir)
-        missing = [task for task, run in sorted(best[method].items()) if not run.get("test_predictions_dir")]
+        missing = [task for task, run in sorted(best[method].items()) if not run.test_predictions_dir]
         print(f"copied {len(copied)} prediction files to {args.submission_dir}; "
               f"no predictions for: {missing or 'none'}")
 

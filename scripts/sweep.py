@@ -26,7 +26,7 @@ from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from adapter_jax import cli, distributed, evaluation, logs, paper, train
+from adapter_jax import cli, distributed, logs, paper, predict, train
 from adapter_jax.errors import NonFiniteLoss, Preempted
 from adapter_jax.workdir import (
     SweepDir,
@@ -134,7 +134,7 @@ def _sweep(
         if predict_test:
             # Written last by predict: without it, a file may be missing (a sweep stopped between two).
             if not distributed.from_process_0(is_primary_process() and run.submission_complete.exists()):
-                evaluation.predict(config_for(base_config, overrides), run.path)
+                predict.predict(config_for(base_config, overrides), run.path)
             result["test_predictions_dir"] = str(run.submission_dir)
         results.append(result)
         _write_jsonl(folder.results, results)

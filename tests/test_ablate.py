@@ -215,7 +215,7 @@ def test_main_ablates_a_trained_run(tiny_config, tmp_path, tiny_model_dir, tiny_
 
 def test_ablate_checks_the_config_and_names_a_missing_dev_file(tiny_config, tmp_path):
     experiment = experiment_lib.build(tiny_config)
-    export.write(Workdir(tmp_path).export_dir, experiment.trainable_params, export.metadata(tiny_config, experiment))
+    export.write(Workdir(tmp_path).export_dir, experiment.trainable_params, export.metadata(experiment))
     tiny_config.glue_dir = str(tmp_path / "empty")
     with pytest.raises(ConfigError, match=r"RTE[/\\]dev\.tsv not found \(task rte, split dev\)"):
         ablate.ablate(tiny_config, tmp_path)
@@ -224,7 +224,7 @@ def test_ablate_checks_the_config_and_names_a_missing_dev_file(tiny_config, tmp_
 def test_ablate_refuses_an_export_without_adapters(tiny_config, tmp_path):
     tiny_config.mode = "layernorm"
     experiment = experiment_lib.build(tiny_config)
-    export.write(Workdir(tmp_path).export_dir, experiment.trainable_params, export.metadata(tiny_config, experiment))
+    export.write(Workdir(tmp_path).export_dir, experiment.trainable_params, export.metadata(experiment))
     with pytest.raises(CheckpointError, match="'layernorm' run, which has no adapters"):
         ablate.ablate(tiny_config, tmp_path)
 

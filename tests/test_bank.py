@@ -40,7 +40,7 @@ def _write_export(model_dir, folder, task, mode, size, sites, train_pooler, seed
     trained = jax.tree.map(
         lambda x: np.asarray(x) + rng.normal(0.0, 0.2, np.shape(x)).astype(np.float32), setup.trainable_params
     )
-    return export.write(folder, trained, export.metadata(config, setup))
+    return export.write(folder, trained, export.metadata(setup))
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +72,7 @@ def _examples(task_name, count):
 
 def _own_model_logits(model_dir, path, dataset):
     """The logits of the export's own single-task model, as predict computes them."""
-    trained, settings = export.read(path)
-    config = export.config_for_export(_base_config(model_dir), settings)
-    setup = export.onto_base(config, trained, settings, path)
+    setup = export.onto_base(export.read(path), _base_config(model_dir))
     mask = (np.arange(dataset.max_seq_length) < dataset.lengths[:, None]).astype(np.int32)
     return np.asarray(setup.model.apply({"params": setup.params}, dataset.input_ids, dataset.token_type_ids, mask))
 
@@ -172,7 +170,7 @@ def test_refuses_exports_the_bank_cannot_hold(bank, tiny_model_dir, tmp_path, mo
 
 
 def test_refuses_an_export_whose_arrays_do_not_fit_its_settings(bank, tiny_model_dir, exports, tmp_path):
-    trained, settings = export.read(exports["stsb"])
+    trained, settings = export.read_raw(exports["stsb"])
     settings["adapter"]["size"] = 8  # the arrays are size 4
     path = export.write(tmp_path, trained, settings)
     with pytest.raises(errors.CheckpointError, match=f"adapter export {re.escape(str(path))} does not match"):

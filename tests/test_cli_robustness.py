@@ -323,7 +323,7 @@ def test_malformed_files_read_back_are_named(finished_run, tiny_model_dir, tiny_
 
     workdir = tmp_path / "run"
     shutil.copytree(finished_run[0], workdir)
-    params, settings = export.read(workdir / "export")
+    params, settings = export.read_raw(workdir / "export")
     del settings["mode"]
     export.write(workdir / "export", params, settings)
     result = _run(_command("adapter_jax.main", workdir, tiny_model_dir, tiny_glue_dir, "--mode=predict"))

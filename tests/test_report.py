@@ -1,5 +1,6 @@
 """scripts.report: best-run selection, the Table 1 markdown, the plot and the submission folder."""
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -10,10 +11,11 @@ import pytest
 
 from adapter_jax import paper
 from adapter_jax.errors import DataError
+from adapter_jax.results import RunResult
 from scripts import report
 
 
-def _run(task: str, mode: str, score: float, **overrides) -> dict:
+def _run(task: str, mode: str, score: float, **overrides) -> RunResult:
     run = {
         "task": task, "mode": mode, "model": "bert-large-uncased", "adapter_size": 64 if mode == "adapters" else None,
         "learning_rate": 3e-4, "num_epochs": 3, "seed": 0, "top_k": None, "workdir": f"/tmp/{task}",
@@ -22,11 +24,11 @@ def _run(task: str, mode: str, score: float, **overrides) -> dict:
         "trainable_fraction": 1.0 if mode == "full" else 0.021, "wall_time_s": 120.0, "source": "adapter-jax",
     }
     run.update(overrides)
-    return run
+    return RunResult.from_dict(run)
 
 
 @pytest.fixture
-def runs() -> list[dict]:
+def runs() -> list[RunResult]:
     return [
         _run("rte", "adapters", 0.70, adapter_size=8, trainable_fraction=0.005),
         _run("rte", "adapters", 0.74, adapter_size=64, seed=1),  # best rte adapter run overall
@@ -40,8 +42,8 @@ def runs() -> list[dict]:
     ]
 
 
-def _write_jsonl(path: pathlib.Path, runs: list[dict]) -> pathlib.Path:
-    path.write_text("".join(json.dumps(run) + "\n" for run in runs), encoding="utf-8")
+def _write_jsonl(path: pathlib.Path, runs: list[RunResult]) -> pathlib.Path:
+    path.write_text("".join(json.dumps(run.to_dict()) + "\n" for run in runs), encoding="utf-8")
     return path
 
 
@@ -53,7 +55,7 @@ def test_load_results_reads_every_file_in_order(tmp_path, runs):
 
 def test_load_results_names_the_bad_line(tmp_path, runs):
     path = tmp_path / "results.jsonl"
-    path.write_text(json.dumps(runs[0]) + "\n\n{not json\n", encoding="utf-8")
+    path.write_text(json.dumps(runs[0].to_dict()) + "\n\n{not json\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"results.jsonl:3: not JSON"):
         report.load_results([path])
     path.write_text(json.dumps({"task": "rte", "mode": "full"}) + "\n", encoding="utf-8")
@@ -141,7 +143,7 @@ def test_main_writes_report_plot_and_submission(tmp_path, runs):
     predictions = tmp_path / "rte_predictions"
     predictions.mkdir()
     (predictions / "RTE.tsv").write_text("index\tprediction\n0\tentailment\n", encoding="utf-8")
-    runs[1]["test_predictions_dir"] = str(predictions)
+    runs[1] = dataclasses.replace(runs[1], test_predictions_dir=str(predictions))
     results = _write_jsonl(tmp_path / "results.jsonl", runs)
     out = tmp_path / "out"
     report.main([f"--results={results}", f"--out_dir={out}", f"--submission_dir={tmp_path / 'submission'}"])
@@ -151,7 +153,7 @@ def test_main_writes_report_plot_and_submission(tmp_path, runs):
     assert (tmp_path / "submission" / "RTE.tsv").read_text(encoding="utf-8").startswith("index\tprediction")
 
 
-def _tradeoff_runs() -> list[dict]:
+def _tradeoff_runs() -> list[RunResult]:
     """Several runs per point (learning rate, epochs, seed vary); each point's best is marked."""
     return [
         _run("rte", "adapters", 0.60, adapter_size=2, trainable_params=20_000, learning_rate=3e-3),

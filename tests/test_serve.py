@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from adapter_jax import evaluation, glue_data, submission, tasks, train
+from adapter_jax import glue_data, predict, submission, tasks, train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Rows kept of each real file: enough to mix tasks in a batch, few enough to train and predict in seconds.
@@ -49,7 +49,7 @@ def runs(minilm_dir, small_glue_dir, tmp_path_factory):
         config = _config(name, minilm_dir, small_glue_dir, size, pooler)
         workdirs[name] = tmp_path_factory.mktemp(name)
         train.train_and_evaluate(config, workdirs[name])
-        evaluation.predict(config, workdirs[name])
+        predict.predict(config, workdirs[name])
     return workdirs
 
 
@@ -105,7 +105,7 @@ def test_served_together_equals_predicted_alone(runs, small_glue_dir, tmp_path):
 def test_predict_together_writes_what_predict_alone_writes(runs, minilm_dir, small_glue_dir):
     alone = {name: _alone_predictions(workdir, tasks.get_task(name)) for name, workdir in runs.items()}
     config = _config("rte", minilm_dir, small_glue_dir, 8, False)
-    results = evaluation.predict_together(config, [runs["rte"], runs["sst2"]])
+    results = predict.predict_together(config, [runs["rte"], runs["sst2"]])
     for name, workdir in runs.items():
         assert set(results[str(workdir)]["dev_metrics"]) == {"dev"}
         assert _alone_predictions(workdir, tasks.get_task(name)) == alone[name]

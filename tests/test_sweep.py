@@ -73,12 +73,13 @@ def test_best_run_uses_the_tasks_main_metric_score():
 
 
 def test_sweep_writes_test_predictions_the_report_gathers(tiny_config, tmp_path):
+    from adapter_jax.results import RunResult
     from scripts import report
 
     tiny_config.num_epochs = 1
     runs = list(sweep.grid(["adapters"], [1e-2], [1], [8], [0]))
     (result,) = sweep.sweep(tiny_config, tmp_path / "sweep", runs, predict_test=True)
-    best = report.best_runs([result])
+    best = report.best_runs([RunResult.from_dict(result)])
     copied = report.copy_submission(best, next(iter(best)), tmp_path / "submission")
     assert [path.name for path in copied] == ["RTE.tsv"]
     assert len((tmp_path / "submission" / "RTE.tsv").read_text().splitlines()) == 1 + 20

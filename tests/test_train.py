@@ -19,10 +19,12 @@ from adapter_jax import (
     errors,
     evaluation,
     experiment,
+    export,
     glue_data,
     history,
     input_pipeline,
     optim,
+    predict,
     steps,
     train,
     trainable,
@@ -235,7 +237,7 @@ def test_logged_learning_rate_is_the_one_each_step_used(tiny_config, tmp_path):
 def test_predict_writes_submission_from_export(tiny_config, tmp_path):
     summary = train.train_and_evaluate(tiny_config, tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["score"] == summary["score"]
-    result = evaluation.predict(tiny_config, tmp_path)
+    result = predict.predict(tiny_config, tmp_path)
     assert result["dev_metrics"]["dev"] == summary["all_dev_metrics"]["dev"]
     (path,) = result["submission_files"]
     rows = pathlib.Path(path).read_text().splitlines()
@@ -243,11 +245,19 @@ def test_predict_writes_submission_from_export(tiny_config, tmp_path):
     assert {r.split("\t")[1] for r in rows[1:]} <= {"entailment", "not_entailment"}
 
 
+def test_summary_records_the_epochs_that_ran(tiny_config, tmp_path):
+    """num_train_steps overrides num_epochs: 12 steps of 8 per epoch are 1.5 epochs, not the config's 2."""
+    tiny_config.num_train_steps = 12
+    summary = train.train_and_evaluate(tiny_config, tmp_path)
+    assert (summary["num_epochs"], summary["num_train_steps"]) == (1.5, 12)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
 def test_export_refuses_another_base_model(tiny_config, tmp_path, minilm_dir):
     train.train_and_evaluate(tiny_config, tmp_path)
     tiny_config.model = str(minilm_dir)
     with pytest.raises(Exception, match="trained on base model"):
-        evaluation.load_export(tiny_config, tmp_path / "export")
+        export.load(tiny_config, tmp_path / "export")
 
 
 def test_real_minilm_rte_end_to_end(glue_dir, minilm_dir, tmp_path):
@@ -276,7 +286,7 @@ def test_real_minilm_rte_end_to_end(glue_dir, minilm_dir, tmp_path):
     full_bytes = 4 * summary["total_params"]
     assert export_file.stat().st_size < 0.05 * full_bytes
 
-    setup, config = evaluation.load_export(config, tmp_path / "export")
+    setup, config = export.load(config, tmp_path / "export")
     tokenizer = input_pipeline.load_tokenizer(setup.model_dir)
     dev = {"dev": experiment.load_dataset(config, setup.task, "dev", tokenizer)}
     evaluator = evaluation.Evaluator(setup, config)
@@ -314,10 +324,10 @@ def test_predict_needs_no_train_file(tiny_config, tmp_path):
     shutil.copytree(tiny_config.glue_dir, glue)
     (glue / "RTE" / "train.tsv").unlink()
     tiny_config.glue_dir = str(glue)
-    assert evaluation.predict(tiny_config, tmp_path / "run")["submission_files"]
+    assert predict.predict(tiny_config, tmp_path / "run")["submission_files"]
     (glue / "RTE" / "test.tsv").unlink()
     with pytest.raises(Exception, match=r"test\.tsv not found"):
-        evaluation.predict(tiny_config, tmp_path / "run")
+        predict.predict(tiny_config, tmp_path / "run")
 
 
 def _recording_tokenize(monkeypatch) -> list[int]:
@@ -336,14 +346,14 @@ def _recording_tokenize(monkeypatch) -> list[int]:
 def test_predict_checks_the_config_with_the_exports_settings_in_place(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, tmp_path)
     tiny_config.adapter_size = 64  # above the tiny model's hidden size: refused for training, but the export says 8
-    assert evaluation.predict(tiny_config, tmp_path)["submission_files"]
+    assert predict.predict(tiny_config, tmp_path)["submission_files"]
 
 
 def test_predict_tokenizes_to_the_exports_sequence_length(tiny_config, tmp_path, monkeypatch):
     train.train_and_evaluate(tiny_config, tmp_path)
     tiny_config.max_seq_length = 16
     lengths = _recording_tokenize(monkeypatch)
-    evaluation.predict(tiny_config, tmp_path)
+    predict.predict(tiny_config, tmp_path)
     assert lengths and set(lengths) == {32}
 
 

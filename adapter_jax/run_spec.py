@@ -1,0 +1,104 @@
+"""What a run is, apart from how it trains: the task, the base model, what trains and the adapters' shape.
+
+A RunSpec is made once from the config (`from_config`), where "adapters of the config's size in adapters mode,
+none otherwise" is decided; the model, the trainable mask, the export and the adapter bank all read that one
+decision. The export stores it (`to_dict`) and a loader reads it back whole (`from_dict`).
+"""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from adapter_jax import tasks, trainable
+from adapter_jax.adapters import AdapterConfig
+
+# The keys `to_dict` writes and `from_dict` needs; the export's metadata format 1 holds them at its top level.
+KEYS = ("task", "model", "mode", "adapter", "top_k", "train_pooler", "max_seq_length")
+ADAPTER_KEYS = tuple(field.name for field in dataclasses.fields(AdapterConfig))
+# The config keys that shape the model and what trains: a run loaded from its export takes them from its
+# RunSpec, and never reads them from the config.
+MODEL_KEYS = ("mode", "adapter_size", "adapter_init_std", "adapter_sites", "adapter_layers", "top_k", "train_pooler")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """A run's identity: what an export must carry to be rebuilt on its base model.
+
+    task:           the GLUE task's name (tasks.TASKS).
+    model:          the base model the config named (folder or hub name), as it was named when training.
+    mode:           which parameters trained (trainable.MODES).
+    adapter:        the adapters the model has: size 0 (none) unless mode is "adapters".
+    top_k:          the top layers that trained in top_k mode.
+    train_pooler:   whether the pooler trained too.
+    max_seq_length: the length examples are tokenized to.
+    """
+
+    task: str
+    model: str
+    mode: str
+    adapter: AdapterConfig
+    top_k: int
+    train_pooler: bool
+    max_seq_length: int
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "RunSpec":
+        """The run a (validated) config describes."""
+        return cls(
+            task=tasks.get_task(config.task).name,
+            model=config.model,
+            mode=config.mode,
+            adapter=AdapterConfig(
+                size=config.adapter_size if config.mode == "adapters" else 0,
+                init_std=config.adapter_init_std,
+                sites=tuple(config.adapter_sites),
+                layers=tuple(config.adapter_layers) or None,
+            ),
+            top_k=config.top_k,
+            train_pooler=config.train_pooler,
+            max_seq_length=config.max_seq_length,
+        )
+
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any]) -> "RunSpec":
+        """The inverse of `to_dict`; other keys of `settings` are ignored."""
+        adapter = settings["adapter"]
+        return cls(
+            task=settings["task"],
+            model=settings["model"],
+            mode=settings["mode"],
+            adapter=AdapterConfig(
+                size=adapter["size"],
+                init_std=adapter["init_std"],
+                sites=tuple(adapter["sites"]),
+                layers=None if adapter["layers"] is None else tuple(adapter["layers"]),
+            ),
+            top_k=settings["top_k"],
+            train_pooler=settings["train_pooler"],
+            max_seq_length=settings["max_seq_length"],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; num_labels is written for readers of the file, and derived from the task on reading."""
+        return {**dataclasses.asdict(self), "num_labels": self.num_labels}
+
+    @property
+    def num_labels(self) -> int:
+        return tasks.get_task(self.task).num_labels
+
+    def trainable_mask(self, params: Any, num_layers: int) -> dict:
+        """True for each parameter (or jax.ShapeDtypeStruct) of `params` that trains in this run."""
+        return trainable.trainable_mask(
+            params, mode=self.mode, num_layers=num_layers, top_k=self.top_k, train_pooler=self.train_pooler
+        )
+
+    def data_config(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """`config` reading this run's data: its task, tokenized to its length (the rest, e.g. the data folder
+        and the evaluation batch, stays the config's)."""
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            config.task = self.task
+            config.max_seq_length = self.max_seq_length
+        return config
