@@ -31,7 +31,7 @@ from adapter_jax.modeling import BertConfig, BertForSequenceClassification, Bert
 MINILM_NAMES = ("all-MiniLM-L6-v2", "minilm")
 HUB_PATTERNS = ["config.json", "*.safetensors", "vocab.txt", "tokenizer*"]
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-CONFIG_FILE = "config.json"
+HF_CONFIG_FILE = "config.json"  # a Hugging Face model folder's; a workdir's config.json is workdir.Workdir.history_config
 SAFETENSORS_FILE = "model.safetensors"
 TORCH_FILE = "pytorch_model.bin"
 
@@ -124,7 +124,7 @@ def resolve_model_dir(name_or_path: PathLike | None) -> pathlib.Path:
     except (OSError, ValueError, huggingface_hub.errors.HfHubHTTPError) as e:
         raise errors.WeightsError(
             f"{name!r} is not a local folder, and downloading it from the Hugging Face Hub failed "
-            f"({type(e).__name__}: {e}). Pass the path of a local folder holding {CONFIG_FILE} and "
+            f"({type(e).__name__}: {e}). Pass the path of a local folder holding {HF_CONFIG_FILE} and "
             f"{SAFETENSORS_FILE} instead."
         ) from e
 
@@ -210,9 +210,9 @@ class ModelFolder:
 def open_model_folder(name_or_path: PathLike | None) -> ModelFolder:
     """Finds the model (resolve_model_dir) and reads its config.json, once for a whole run."""
     path = resolve_model_dir(name_or_path)
-    config_path = path / CONFIG_FILE
+    config_path = path / HF_CONFIG_FILE
     if not config_path.is_file():
-        raise errors.WeightsError(f"no {CONFIG_FILE} in {path}")
+        raise errors.WeightsError(f"no {HF_CONFIG_FILE} in {path}")
     return ModelFolder(path, read_bert_config(config_path))
 
 
@@ -310,7 +310,7 @@ def export_pretrained(
         "position_embedding_type": "absolute",
         **config.to_dict(),
     }
-    (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    (out_dir / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
     # transformers refuses safetensors files without a "format" entry in their metadata.
     safetensors.numpy.save_file(tensors, out_dir / SAFETENSORS_FILE, metadata={"format": "pt"})
     for path in tokenizer_files:
