@@ -1,17 +1,42 @@
-"""Shared fixtures. Two fake CPU devices are set up before JAX starts, so pmap tests can shard."""
+"""Shared fixtures. Before JAX starts: two fake CPU devices, so pmap tests can shard, and a persistent
+compilation cache, so the programs every test and subprocess compiles (the same tiny model's steps, again and
+again) are compiled once per machine."""
 
 import dataclasses
+import getpass
 import os
-
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-
 import pathlib
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+
+
+def _compilation_cache_dir() -> pathlib.Path:
+    """A folder of this user's on this machine's disk, beside pytest's own temporary folders, kept between runs.
+    Not a home folder: XLA's CPU programs are compiled for this machine's processor. JAX's cache keys include the
+    jaxlib version, the platform, XLA_FLAGS (so the device count) and the compile options, so one folder serves
+    every run; one that another user made is not trusted (it holds code this process would run)."""
+    folder = pathlib.Path(tempfile.gettempdir()) / f"pytest-of-{getpass.getuser()}" / "jax-compilation-cache"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if folder.stat().st_uid != os.getuid():
+        return pathlib.Path(tempfile.mkdtemp(prefix="jax-compilation-cache-"))
+    return folder
+
+
+# Environment variables, so the subprocesses that tests start (the CLI, pods) share the cache too. Everything is
+# cached (JAX's defaults skip programs that compile in under a second, which is most CPU programs here); a size
+# limit turns on JAX's file lock, so processes that compile the same program at once never read a half-written
+# entry.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_compilation_cache_dir()))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_GLUE_DIR = REPO_ROOT.parent / "shared" / "data" / "glue"

@@ -21,6 +21,7 @@ from adapter_jax import history
 from adapter_jax.workdir import Workdir
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # the entry points in subprocesses
 CONFIG = f"--config={REPO_ROOT / 'configs' / 'glue.py'}:rte"
 # 8 steps per epoch; with 4 steps a run checkpoints at 2 and 4 and exports once, at its end.
 RUN = {
@@ -77,8 +78,10 @@ def _command(module, workdir, model_dir, glue_dir, *extra, run=RUN):
 
 
 def _env(**faults):
-    # The same device count as the tests (conftest); the worktree's package whatever the current folder.
-    return {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"], "PYTHONPATH": str(REPO_ROOT),
+    # The same device count and compilation cache as the tests (conftest); the worktree's package whatever the
+    # current folder. A process that cannot write large files would leave half-written entries in the cache.
+    no_cache = {"JAX_ENABLE_COMPILATION_CACHE": "false"} if "FSIZE_LIMIT" in faults else {}
+    return {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"], "PYTHONPATH": str(REPO_ROOT), **no_cache,
             **{key: str(value) for key, value in faults.items()}}
 
 
