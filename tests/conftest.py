@@ -6,6 +6,7 @@ import dataclasses
 import getpass
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -117,14 +118,12 @@ def tiny_glue_dir(tmp_path_factory) -> pathlib.Path:
     return root
 
 
-@pytest.fixture
-def tiny_config(tiny_model_dir, tiny_glue_dir):
-    """A fast RTE config on the tiny model and toy data: 8 steps per epoch at global batch 8."""
+def _tiny_config(model_dir: pathlib.Path, glue_dir: pathlib.Path):
     from configs import glue
 
     config = glue.get_config("rte")
-    config.model = str(tiny_model_dir)
-    config.glue_dir = str(tiny_glue_dir)
+    config.model = str(model_dir)
+    config.glue_dir = str(glue_dir)
     config.max_seq_length = 32
     config.buckets = (16, 32)
     config.global_batch_size = 8
@@ -135,6 +134,37 @@ def tiny_config(tiny_model_dir, tiny_glue_dir):
     config.log_every_steps = 1
     config.checkpoint_every_steps = 4
     return config
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir, tiny_glue_dir):
+    """A fast RTE config on the tiny model and toy data: 8 steps per epoch at global batch 8."""
+    return _tiny_config(tiny_model_dir, tiny_glue_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A finished run of tiny_config: its workdir and the summary train_and_evaluate returned."""
+
+    workdir: pathlib.Path
+    summary: dict
+
+    def copy_to(self, folder: pathlib.Path) -> pathlib.Path:
+        """A copy of the workdir in `folder` (which may exist), for a test that writes into the run: a
+        prediction, a resume."""
+        shutil.copytree(self.workdir, folder, dirs_exist_ok=True)
+        return folder
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model_dir, tiny_glue_dir) -> TrainedRun:
+    """tiny_config trained once for every test that only needs some finished run; a test that writes into it
+    works on `copy_to(tmp_path / ...)`."""
+    from adapter_jax import train
+
+    workdir = tmp_path_factory.mktemp("trained-run") / "run"
+    summary = train.train_and_evaluate(_tiny_config(tiny_model_dir, tiny_glue_dir), workdir)
+    return TrainedRun(workdir, summary)
 
 
 def free_port() -> int:

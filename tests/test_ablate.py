@@ -19,7 +19,6 @@ from adapter_jax import (
     modeling,
     steps,
     tasks,
-    train,
 )
 from adapter_jax import experiment as experiment_lib
 from adapter_jax.adapters import SITES, AdapterConfig
@@ -174,10 +173,8 @@ def _dev_majority_fraction(glue_dir) -> float:
     return collections.Counter(labels).most_common(1)[0][1] / len(labels)
 
 
-def test_main_ablates_a_trained_run(tiny_config, tmp_path, tiny_model_dir, tiny_glue_dir):
-    tiny_config.num_epochs = 1
-    workdir = tmp_path / "run"
-    summary = train.train_and_evaluate(tiny_config, workdir)
+def test_main_ablates_a_trained_run(tmp_path, tiny_model_dir, tiny_glue_dir, trained_run):
+    workdir, summary = trained_run.workdir, trained_run.summary  # read only: the ablation goes to out_dir
     out_dir = tmp_path / "ablation"
     dev_only = tmp_path / "glue-dev-only"  # an ablation reads dev alone: no train or test file is needed
     (dev_only / "RTE").mkdir(parents=True)

@@ -194,7 +194,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path):
     uninterrupted = train.train_and_evaluate(tiny_config, tmp_path / "a")
 
     interrupted_dir = tmp_path / "b"
-    train.train_and_evaluate(tiny_config, interrupted_dir)
+    shutil.copytree(tmp_path / "a", interrupted_dir)  # the same run again, without training it twice
     # A crash right after the step-12 checkpoint leaves the checkpoints up to 12 behind.
     for step_dir in (interrupted_dir / "checkpoints").iterdir():
         if step_dir.name.isdigit() and int(step_dir.name) > 12:
@@ -234,8 +234,9 @@ def test_logged_learning_rate_is_the_one_each_step_used(tiny_config, tmp_path):
     assert logged == {step: pytest.approx(float(schedule(step - 1))) for step in range(1, 9)}
 
 
-def test_predict_writes_submission_from_export(tiny_config, tmp_path):
-    summary = train.train_and_evaluate(tiny_config, tmp_path)
+def test_predict_writes_submission_from_export(tiny_config, tmp_path, trained_run):
+    trained_run.copy_to(tmp_path)
+    summary = trained_run.summary
     assert json.loads((tmp_path / "summary.json").read_text())["score"] == summary["score"]
     result = predict.predict(tiny_config, tmp_path)
     assert result["dev_metrics"]["dev"] == summary["all_dev_metrics"]["dev"]
@@ -253,13 +254,14 @@ def test_summary_records_the_epochs_that_ran(tiny_config, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
 
-def test_export_refuses_another_base_model(tiny_config, tmp_path, minilm_dir):
-    train.train_and_evaluate(tiny_config, tmp_path)
+def test_export_refuses_another_base_model(tiny_config, tmp_path, minilm_dir, trained_run):
+    trained_run.copy_to(tmp_path)
     tiny_config.model = str(minilm_dir)
     with pytest.raises(Exception, match="trained on base model"):
         export.load(tiny_config, tmp_path / "export")
 
 
+@pytest.mark.slow  # the real MiniLM trained on real RTE
 def test_real_minilm_rte_end_to_end(glue_dir, minilm_dir, tmp_path):
     """A short adapter run on the real checkpoint and real RTE data."""
     from configs import glue
@@ -318,8 +320,8 @@ def test_replicated_state_is_laid_out_like_the_steps_outputs(tiny_config):
     assert [leaf.sharding for leaf in jax.tree.leaves(p_state)] == before
 
 
-def test_predict_needs_no_train_file(tiny_config, tmp_path):
-    train.train_and_evaluate(tiny_config, tmp_path / "run")
+def test_predict_needs_no_train_file(tiny_config, tmp_path, trained_run):
+    trained_run.copy_to(tmp_path / "run")
     glue = tmp_path / "glue_without_train"
     shutil.copytree(tiny_config.glue_dir, glue)
     (glue / "RTE" / "train.tsv").unlink()
@@ -343,14 +345,14 @@ def _recording_tokenize(monkeypatch) -> list[int]:
     return lengths
 
 
-def test_predict_checks_the_config_with_the_exports_settings_in_place(tiny_config, tmp_path):
-    train.train_and_evaluate(tiny_config, tmp_path)
+def test_predict_checks_the_config_with_the_exports_settings_in_place(tiny_config, tmp_path, trained_run):
+    trained_run.copy_to(tmp_path)
     tiny_config.adapter_size = 64  # above the tiny model's hidden size: refused for training, but the export says 8
     assert predict.predict(tiny_config, tmp_path)["submission_files"]
 
 
-def test_predict_tokenizes_to_the_exports_sequence_length(tiny_config, tmp_path, monkeypatch):
-    train.train_and_evaluate(tiny_config, tmp_path)
+def test_predict_tokenizes_to_the_exports_sequence_length(tiny_config, tmp_path, monkeypatch, trained_run):
+    trained_run.copy_to(tmp_path)
     tiny_config.max_seq_length = 16
     lengths = _recording_tokenize(monkeypatch)
     predict.predict(tiny_config, tmp_path)
