@@ -5,6 +5,7 @@ import re
 import signal
 import sys
 
+import pytest
 from etils import epath
 
 from adapter_jax.history import read_history
@@ -12,6 +13,7 @@ from adapter_jax.workdir import Workdir
 from tests.conftest import GCS_BUCKET
 from tests.test_cli_robustness import RUN, _command, _run, _start, _wait_for
 
+pytestmark = pytest.mark.slow  # the entry points in subprocesses, on the Cloud Storage emulator
 GRID = ["--modes=adapters", "--learning_rates=0.01", "--epochs=1", "--adapter_sizes=8", "--seeds=0"]
 
 

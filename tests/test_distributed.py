@@ -54,6 +54,7 @@ def _shared_files_written(paths, workdir) -> collections.Counter:
     return collections.Counter(path for path in paths if path.startswith(f"{workdir}/") and not PER_PROCESS.search(path))
 
 
+@pytest.mark.slow  # two-process pods in subprocesses
 @pytest.mark.parametrize("where", ["local", "bucket"])
 def test_a_two_process_sweep_equals_one_process_over_as_many_devices_and_process_0_writes(
     where, request, tiny_model_dir, tiny_glue_dir, tmp_path
@@ -101,6 +102,7 @@ def test_a_two_process_sweep_equals_one_process_over_as_many_devices_and_process
     assert any("/checkpoints/" in path for path in writes[0]), writes[0]
 
 
+@pytest.mark.slow  # two-process pods in subprocesses
 def test_when_a_process_of_a_pod_dies_the_other_stops_with_an_error_and_both_resume_on_a_bucket(
     gcs_env, tiny_model_dir, tiny_glue_dir, tmp_path
 ):

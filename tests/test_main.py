@@ -6,7 +6,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # the entry point in a subprocess
 
 # Our log lines on the console: time, then the message.
 OWN_LINE = re.compile(r"\d\d:\d\d:\d\d (Full log: |JAX devices: |step \d+ dev )")

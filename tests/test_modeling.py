@@ -69,6 +69,7 @@ def apply_bert(config, params, batch, dtype=jnp.float32):
     )
 
 
+@pytest.mark.slow  # the real MiniLM
 def test_matches_transformers_float32(minilm, batch, torch_outputs):
     config, params = minilm
     sequence, pooled = apply_bert(config, params, batch)
@@ -82,6 +83,7 @@ def test_matches_transformers_float32(minilm, batch, torch_outputs):
     assert pooled_diff <= 1e-4
 
 
+@pytest.mark.slow  # the real MiniLM
 def test_bfloat16_runs_close_to_float32(minilm, batch, torch_outputs):
     config, params = minilm
     sequence, pooled = apply_bert(config, params, batch, dtype=jnp.bfloat16)
@@ -113,6 +115,7 @@ def test_classifier_logits_are_float32_and_dropout_uses_its_rng():
     np.testing.assert_array_equal(logits, apply(variables, *args))
 
 
+@pytest.mark.slow  # the real MiniLM
 def test_padding_does_not_change_token_outputs(minilm, batch):
     config, params = minilm
     sequence, _ = apply_bert(config, params, batch)
@@ -123,6 +126,7 @@ def test_padding_does_not_change_token_outputs(minilm, batch):
     np.testing.assert_allclose(sequence[row, :length], sequence_alone[0], atol=1e-5)
 
 
+@pytest.mark.slow  # the real MiniLM
 def test_packed_rows_give_each_example_its_unpacked_outputs(minilm_dir, minilm):
     """Pairs of mixed lengths, several to a row: each example's token states, pooled output and logits
     are those it gets alone in its row (float32, no dropout)."""

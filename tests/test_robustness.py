@@ -142,6 +142,7 @@ def _rerun_resumes_to_the_reference(tmp_path, model_dir, glue_dir, resumed_at: i
     _assert_same_params(params, reference)
 
 
+@pytest.mark.slow  # the entry point in a subprocess, and the 24-step reference
 def test_sigterm_checkpoints_the_current_step_and_a_rerun_finishes_identically(
     tiny_model_dir, tiny_glue_dir, tmp_path, reference
 ):
@@ -162,6 +163,7 @@ def test_sigterm_checkpoints_the_current_step_and_a_rerun_finishes_identically(
     _rerun_resumes_to_the_reference(tmp_path, tiny_model_dir, tiny_glue_dir, stopped_at, reference)
 
 
+@pytest.mark.slow  # the entry point in a subprocess, and the 24-step reference
 def test_sigkill_loses_only_the_steps_since_the_last_checkpoint_and_ignores_a_half_written_one(
     tiny_model_dir, tiny_glue_dir, tmp_path, reference
 ):

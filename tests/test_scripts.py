@@ -9,6 +9,7 @@ import sys
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a subprocess per script, each importing JAX
 # Every module under scripts/ (found, so that a new script is covered without being listed), and the server.
 SCRIPTS = sorted(
     ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts)

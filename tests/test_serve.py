@@ -12,6 +12,7 @@ import pytest
 from adapter_jax import glue_data, predict, submission, tasks, train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # trainings of the real MiniLM on real GLUE rows; the server in a subprocess
 # Rows kept of each real file: enough to mix tasks in a batch, few enough to train and predict in seconds.
 ROWS = {"train": 16, "dev": 16, "test": 12}
 

@@ -176,6 +176,7 @@ def _run_shell(command: str, home: pathlib.Path) -> int:
     return subprocess.run(["bash", "-c", command], cwd=home, env=env, timeout=30, check=False).returncode
 
 
+@pytest.mark.slow  # bash processes polled for seconds
 def test_the_detached_run_outlives_its_shell_and_the_poll_reports_it(tmp_path, monkeypatch):
     """The start and poll commands, run by bash in a fake home: the start returns at once, the run goes on,
     and the poll says running, then the run's own exit status; a run killed without one is reported as such."""

@@ -234,6 +234,7 @@ def test_resuming_with_an_incompatible_config_lists_the_differences(tiny_config,
     assert "log_every_steps" not in message
 
 
+@pytest.mark.slow  # the entry point in subprocesses
 def test_entry_point_prints_error_and_exits_2_without_a_traceback(tiny_model_dir, tiny_glue_dir, tmp_path):
     env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"]}
     common = [sys.executable, "-m", "adapter_jax.main", "--config=configs/glue.py:rte", f"--workdir={tmp_path}"]

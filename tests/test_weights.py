@@ -185,6 +185,7 @@ def test_init_params_lists_what_does_not_fit(tmp_path, state_dict):
     assert "encoder/layer_0/intermediate/dense/kernel has shape (16, 8), expected (16, 32)" in str(info.value)
 
 
+@pytest.mark.slow  # the real MiniLM
 def test_round_trip_minilm_is_identical(minilm_dir, tmp_path):
     config, params = weights.load_pretrained(minilm_dir)
     out = weights.export_pretrained(config, params, tmp_path / "export", tokenizer_dir=minilm_dir)
