@@ -237,6 +237,7 @@ def test_nonfinite_gradient_stops_with_the_step_and_keeps_the_last_good_checkpoi
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
 
+@pytest.mark.slow  # a run stopped by Ctrl-C and resumed
 def test_skipped_steps_are_counted_across_a_ctrl_c_right_after_a_periodic_checkpoint(
     tiny_model_dir, tiny_glue_dir, tmp_path, monkeypatch
 ):

@@ -34,6 +34,7 @@ def test_default_flags_are_the_papers_grid():
     assert [int(s) for s in sweep.FLAGS["seeds"].default] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow  # four runs, swept three times
 def test_sweep_skips_finished_runs_resumes_interrupted_ones_and_picks_the_best(tiny_config, tmp_path, counting_train):
     calls, train_fn = counting_train
     tiny_config.num_epochs = 1  # 8 steps a run; checkpoints at 4 and 8
@@ -72,6 +73,7 @@ def test_best_run_uses_the_tasks_main_metric_score():
     assert sweep.best_run([]) is None
 
 
+@pytest.mark.slow  # a sweep's run, its predictions and the report
 def test_sweep_writes_test_predictions_the_report_gathers(tiny_config, tmp_path):
     from adapter_jax.results import RunResult
     from scripts import report

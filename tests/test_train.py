@@ -188,6 +188,7 @@ def _final_checkpoint_params(workdir) -> dict:
     return restored.state["params"]
 
 
+@pytest.mark.slow  # a 24-step run and its resume
 def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path):
     tiny_config.num_epochs = 3  # 24 steps: checkpoints at 4, 8 (epoch), 12, 16 (epoch), 20, 24 (epoch)
     tiny_config.checkpoints_to_keep = 10
