@@ -23,7 +23,11 @@ def _compilation_cache_dir() -> pathlib.Path:
     Not a home folder: XLA's CPU programs are compiled for this machine's processor. JAX's cache keys include the
     jaxlib version, the platform, XLA_FLAGS (so the device count) and the compile options, so one folder serves
     every run; one that another user made is not trusted (it holds code this process would run)."""
-    folder = pathlib.Path(tempfile.gettempdir()) / f"pytest-of-{getpass.getuser()}" / "jax-compilation-cache"
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container); pytest says "unknown" too
+        user = "unknown"
+    folder = pathlib.Path(tempfile.gettempdir()) / f"pytest-of-{user}" / "jax-compilation-cache"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     if folder.stat().st_uid != os.getuid():
         return pathlib.Path(tempfile.mkdtemp(prefix="jax-compilation-cache-"))
