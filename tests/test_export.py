@@ -77,6 +77,7 @@ def _logits(experiment, examples) -> np.ndarray:
     return np.asarray(experiment.model.apply({"params": experiment.params}, data.input_ids, data.token_type_ids, mask))
 
 
+@pytest.mark.slow  # the real MiniLM
 def test_an_export_of_format_1_predicts_as_it_did(glue_dir, minilm_dir):
     from configs import glue
 
