@@ -4,8 +4,10 @@ again) are compiled once per machine."""
 
 import dataclasses
 import getpass
+import hashlib
 import os
 import pathlib
+import platform
 import shutil
 import socket
 import subprocess
@@ -18,16 +20,27 @@ import pytest
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
 
+def _processor_id() -> str:
+    """A short hash of this processor's model and instruction-set flags: a VM may come back on another CPU."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = [platform.processor() or platform.machine()]
+    described = sorted({line for line in lines if line.startswith(("model name", "flags"))}) or lines
+    return hashlib.sha256("\n".join(described).encode()).hexdigest()[:12]
+
+
 def _compilation_cache_dir() -> pathlib.Path:
     """A folder of this user's on this machine's disk, beside pytest's own temporary folders, kept between runs.
-    Not a home folder: XLA's CPU programs are compiled for this machine's processor. JAX's cache keys include the
-    jaxlib version, the platform, XLA_FLAGS (so the device count) and the compile options, so one folder serves
-    every run; one that another user made is not trusted (it holds code this process would run)."""
+    Not a home folder, and named by the processor: XLA's CPU programs are compiled for the processor they ran on,
+    which JAX's cache keys do not name. They do include the jaxlib version, the platform, XLA_FLAGS (so the
+    device count) and the compile options, so one folder serves every run on one processor; one that another
+    user made is not trusted (it holds code this process would run)."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):  # no name for this uid (a container); pytest says "unknown" too
         user = "unknown"
-    folder = pathlib.Path(tempfile.gettempdir()) / f"pytest-of-{user}" / "jax-compilation-cache"
+    folder = pathlib.Path(tempfile.gettempdir()) / f"pytest-of-{user}" / f"jax-compilation-cache-{_processor_id()}"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     if folder.stat().st_uid != os.getuid():
         return pathlib.Path(tempfile.mkdtemp(prefix="jax-compilation-cache-"))
