@@ -18,7 +18,7 @@ import pathlib
 import re
 import sys
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, final
+from typing import Any, Self
 
 import jax
 import matplotlib
@@ -103,7 +103,6 @@ def majority_score(task: tasks.Task, labels: np.ndarray) -> float:
     return metrics.main_score(task, metrics.compute_metrics(task, predictions, labels))
 
 
-@final  # so that __enter__ returns exactly this type (Python 3.10 has no typing.Self)
 class CompileCounter:
     """Counts the XLA compilations in this process (jax.monitoring's events) while entered."""
 
@@ -115,7 +114,7 @@ class CompileCounter:
         if event == BACKEND_COMPILE_EVENT:
             self.count += 1
 
-    def __enter__(self) -> "CompileCounter":
+    def __enter__(self) -> Self:
         jax.monitoring.register_event_duration_secs_listener(self._listen)
         return self
 

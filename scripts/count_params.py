@@ -2,7 +2,7 @@
 
 For each model and bottleneck size m: the total parameters, the adapter parameters per layer (counted on
 the model's params tree via jax.eval_shape, so nothing is allocated) next to the paper's 2 x (2md + d + m),
-the trainable parameters in the "adapters" setting (adapters + LayerNorms + head) from optim's labels next
+the trainable parameters in the "adapters" setting (adapters + LayerNorms + head) from trainable.py's mask next
 to the formula, and the trainable fraction of the base model.
 
 Run from the repository root:
