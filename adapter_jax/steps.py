@@ -152,5 +152,15 @@ def replicate(tree: Any) -> Any:
 
 
 def unreplicate(tree: Any) -> Any:
-    """The first device's copy of a replicated tree, on the host."""
-    return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+    """This process's first device's copy of a replicated tree, on the host.
+
+    Read from that device's own shard: indexing (`x[0]`) would run a gather over every process's devices, a
+    collective that hangs a pod where only process 0 unreplicates (to write the export).
+    """
+    return jax.tree.map(_first_local_copy, tree)
+
+
+def _first_local_copy(x: Any) -> np.ndarray:
+    if isinstance(x, jax.Array):
+        return np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:])
+    return np.asarray(x)[0]
