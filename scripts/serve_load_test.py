@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from adapter_jax import benchmarking
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 FLAGS = flags.FLAGS
@@ -151,7 +153,7 @@ def load(
 def warm_up(port: int, requests: Sequence[dict], largest_batch: int = 64) -> None:
     """Compiles the server's shapes: single requests and full batches across the range of lengths."""
     by_length = sorted(requests, key=lambda r: len(r["sentence1"]) + len(r.get("sentence2", "")))
-    for group in np.array_split(np.arange(len(by_length)), 8):
+    for group in np.array_split(np.arange(len(by_length)), 4):
         for size in (1, largest_batch):
             status, payload = post(port, [by_length[group[i % len(group)]] for i in range(size)])
             assert status == 200, payload
@@ -226,9 +228,7 @@ def _measure(label: str, checkout: pathlib.Path, adapters: str, requests: list[d
 def main(argv: list[str]) -> None:
     del argv
     requests = _requests(FLAGS.glue_dir, FLAGS.clients * FLAGS.rounds)
-    cpu = next((line.split(":", 1)[1].strip() for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
-    print(f"CPU: {cpu}, {os.cpu_count()} cores; MiniLM, RTE + SST-2 adapters of size 64; {len(requests)} real dev "
+    print(f"CPU: {benchmarking.cpu_description()}; MiniLM, RTE + SST-2 adapters of size 64; {len(requests)} real dev "
           f"requests; {FLAGS.clients} clients x {FLAGS.rounds} one-request posts; {FLAGS.idle} idle, "
           f"{FLAGS.slow} slow clients")
     with tempfile.TemporaryDirectory() as folder:

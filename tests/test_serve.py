@@ -143,8 +143,9 @@ def test_http_answers_a_list_with_a_bad_request_among_good_ones(runs, small_glue
 
 # Serving's limits, on the tiny model: a server that no client can hold up, and a batch job that answers a bad
 # line alone. Each test below fails on the single-threaded server without limits that came before.
-READ_TIMEOUT = 4  # seconds; short, so that the tests see the server close what a client left unfinished
-SERVER_FLAGS = ["--batch_sizes=4,16", f"--read_timeout={READ_TIMEOUT}", "--max_body_bytes=20000", "--max_queued=64"]
+# The defaults of --read_timeout (seconds) and --max_body_bytes and --max_line_bytes; the tests pass no flag that
+# the server before them lacked, so that on it they fail where it failed, not on a flag.
+READ_TIMEOUT, MAX_BODY_BYTES, MAX_LINE_BYTES = 10, 4 << 20, 1 << 20
 _NOUNS = ("cat", "dog", "bird", "fish", "horse", "cow", "lion", "bear")
 
 
@@ -186,12 +187,12 @@ def batch_job(tiny_adapters, tmp_path_factory):
     """The batch job's answers to 32 good lines with a non-UTF-8 line, a line over --max_line_bytes and a blank
     line among them: (input path, output lines, the run)."""
     lines = [json.dumps(request).encode() for request in _tiny_requests(32)]
-    lines[5:5] = [b'{"id": "latin-1", "task": "sst2", "sentence1": "caf\xe9"}', b"", b'["' + b"x" * 5000 + b'"]']
+    lines[5:5] = [b'{"id": "latin-1", "task": "sst2", "sentence1": "caf\xe9"}', b"",
+                  b'["' + b"x" * MAX_LINE_BYTES + b'"]']
     requests = tmp_path_factory.mktemp("batch") / "requests.jsonl"
     requests.write_bytes(b"\n".join(lines) + b"\n")
     output = requests.with_name("answers.jsonl")
-    run = _serve([tiny_adapters, f"--input={requests}", f"--output={output}", "--max_line_bytes=2000",
-                  "--batch_sizes=4,16"])
+    run = _serve([tiny_adapters, f"--input={requests}", f"--output={output}", "--batch_sizes=4,16"])
     return requests, [json.loads(line) for line in output.read_text().splitlines()] if run.returncode == 0 else [], run
 
 
@@ -200,7 +201,7 @@ def test_batch_job_answers_a_non_utf8_or_overlong_line_alone(batch_job):
     assert run.returncode == 0 and "2 error answers" in run.stderr, run.stderr
     assert [answer.get("error") for answer in answers[5:7]] == [
         f"{requests}:6: not UTF-8 (invalid continuation byte at byte 51)",
-        f"{requests}:8: the line is longer than --max_line_bytes=2000",
+        f"{requests}:8: the line is longer than --max_line_bytes={MAX_LINE_BYTES}",
     ]
     good = answers[:5] + answers[7:]
     assert [answer["id"] for answer in good] == [request["id"] for request in _tiny_requests(32)]
@@ -230,8 +231,9 @@ def test_a_port_in_use_is_one_line_before_anything_loads(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_adapters):
-    """A server of the tiny exports with SERVER_FLAGS, its shapes compiled: (port, its console lines)."""
-    server = subprocess.Popen([sys.executable, "-m", "adapter_jax.serve", tiny_adapters, "--port=0", *SERVER_FLAGS],
+    """A server of the tiny exports, its shapes compiled: (port, its console lines)."""
+    server = subprocess.Popen([sys.executable, "-m", "adapter_jax.serve", tiny_adapters, "--port=0",
+                               "--batch_sizes=4,16"],
                               cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
     try:
         lines = [server.stderr.readline()]
@@ -278,7 +280,7 @@ def test_a_bad_or_huge_content_length_is_answered_without_reading(tiny_server):
     assert _raw_answer(port, post % b"Content-Length: abc") == (400, "Content-Length 'abc' is not a whole number of bytes")
     assert _raw_answer(port, post % b"Content-Length: 1e14")[0] == 400
     assert _raw_answer(port, post % b"Content-Length: 100000000000000") == (
-        413, "the body has 100000000000000 bytes; at most 20000 are taken")
+        413, f"the body has 100000000000000 bytes; at most {MAX_BODY_BYTES} are taken")
     assert _raw_answer(port, post % b"Accept: */*")[0] == 411
     assert serve_load_test.post(port, _tiny_requests(2), timeout=30)[0] == 200
 
