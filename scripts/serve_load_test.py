@@ -154,8 +154,10 @@ def warm_up(port: int, requests: Sequence[dict], largest_batch: int = 64) -> Non
     """Compiles the server's shapes: single requests and full batches across the range of lengths."""
     by_length = sorted(requests, key=lambda r: len(r["sentence1"]) + len(r.get("sentence2", "")))
     for group in np.array_split(np.arange(len(by_length)), 4):
-        for size in (1, largest_batch):
-            status, payload = post(port, [by_length[group[i % len(group)]] for i in range(size)])
+        lists = [[by_length[group[0]]], [by_length[group[-1]]], [by_length[group[i % len(group)]]
+                                                                 for i in range(largest_batch)]]
+        for requests_list in lists:
+            status, payload = post(port, requests_list)
             assert status == 200, payload
 
 
