@@ -3,6 +3,7 @@ call, and a full queue is answered 503 at once while the requests already taken 
 
 import http.client
 import json
+import socket
 import threading
 
 import pytest
@@ -80,6 +81,24 @@ def test_http_answers_503_when_the_queue_is_full_and_serves_the_rest():
         assert results == {"first": (200, [2]), "second": (200, [4, 6])}
     finally:
         answer.release.set()
+        server.shutdown()
+        server.server_close()
+        batcher.close()
+
+
+def test_a_connection_beyond_the_limit_is_answered_503_while_the_others_stay_served():
+    batcher = batching.Batcher(lambda requests: list(requests), max_queued=8, max_batch=8, max_wait=0.001)
+    server = http_server.AnsweringServer("127.0.0.1", 0, http_server.Limits(2, 1000, 1))
+    threading.Thread(target=server.serve, args=(batcher,), daemon=True).start()
+    port = server.server_address[1]
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as idle:  # holds the one connection allowed
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as extra:
+                assert extra.recv(4096).startswith(b"HTTP/1.0 503 ")
+            idle.settimeout(30)
+            assert idle.recv(1) == b""  # closed after the read timeout, freeing its place
+        assert _post(port, [1]) == (200, [1])
+    finally:
         server.shutdown()
         server.server_close()
         batcher.close()
