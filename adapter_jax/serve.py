@@ -7,7 +7,8 @@
 A request is {"id": ..., "task": NAME, "sentence1": ..., "sentence2": ...} (sentence2 for sentence-pair
 tasks only); its answer is {"id", "task", "label", "logits"}, the label being the class name, or the score
 for a regression task (STS-B). Over HTTP, POST a JSON list of requests and get the list of answers. A request
-that names an unknown task, lacks a field or is not valid JSON gets {"id", "error"} alone; the others are
+that names an unknown task, lacks a field or is not valid JSON (in a batch job also a line that is not UTF-8
+or longer than --max_line_bytes) gets {"id", "error"} alone; the others are
 answered. Every request of a batch goes through the base model in the same mixed batches (bank.py); over HTTP,
 requests that different clients send at the same time are batched together too (batching.py), and no client
 can hold up the others (http_server.py: timeouts, size limits, a bounded queue).
@@ -32,12 +33,16 @@ flags.DEFINE_string("input", None, "Requests, one JSON object a line (batch job)
 flags.DEFINE_string("output", None, "Answers, one JSON object a line, in the order of --input.")
 flags.DEFINE_integer("port", None, "Answer POSTed JSON lists over HTTP on this port instead (0: any free port).")
 flags.DEFINE_string("host", "127.0.0.1", "The address to listen on; 0.0.0.0 for every interface.")
-flags.DEFINE_float("read_timeout", 10.0, "Seconds a client has to send its whole request; then 408 and closed.")
-flags.DEFINE_integer("max_body_bytes", 4 << 20, "Largest request body taken (413 beyond).")
-flags.DEFINE_integer("max_line_bytes", 1 << 20, "Longest --input line taken; a longer one gets an error answer.")
-flags.DEFINE_integer("max_queued", 1024, "Requests waiting to be answered at most; beyond, 503 at once.")
-flags.DEFINE_float("max_wait_ms", 5.0, "How long the first queued request waits for others to share its batch.")
-flags.DEFINE_integer("max_connections", 256, "Connections open at once; more are answered 503.")
+flags.DEFINE_float("read_timeout", 10.0, "Seconds a client has to send its whole request; then 408 and closed.",
+                   lower_bound=0.1)
+flags.DEFINE_integer("max_body_bytes", 4 << 20, "Largest request body taken (413 beyond).", lower_bound=1)
+flags.DEFINE_integer("max_line_bytes", 1 << 20, "Longest --input line taken; a longer one gets an error answer.",
+                     lower_bound=1)
+flags.DEFINE_integer("max_queued", 1024, "Requests waiting to be answered at most; beyond, 503 at once.",
+                     lower_bound=1)
+flags.DEFINE_float("max_wait_ms", 5.0, "How long the first queued request waits for others to share its batch.",
+                   lower_bound=0)
+flags.DEFINE_integer("max_connections", 256, "Connections open at once; more are answered 503.", lower_bound=1)
 flags.DEFINE_string("model", None, "Base model (folder or hub name); default: the one the first export names.")
 flags.DEFINE_integer("capacity", 16, "Task slots of the bank (at least the number of --adapters).")
 flags.DEFINE_list("batch_sizes", ["8", "64"], "The batch sizes that compile; requests are cut and padded to them.")
