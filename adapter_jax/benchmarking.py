@@ -46,6 +46,16 @@ def fixed_shape_step(config: ml_collections.ConfigDict, num_batches: int) -> Fix
     return FixedShapeStep(compiled, p_state, setup.p_frozen, batches, setup.parameter_summary)
 
 
+def step_memory(compiled: jax.stages.Compiled) -> dict[str, int]:
+    """XLA's memory analysis of one device's compiled program, in bytes: its arguments, outputs, temporaries, and
+    the peak of all three together, less the outputs written into donated arguments."""
+    analysis = compiled.memory_analysis()
+    argument, output = analysis.argument_size_in_bytes, analysis.output_size_in_bytes
+    temp, aliased = analysis.temp_size_in_bytes, analysis.alias_size_in_bytes
+    return {"argument_bytes": argument, "output_bytes": output, "temp_bytes": temp,
+            "peak_bytes": argument + output + temp - aliased}
+
+
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$")
 
 
