@@ -119,7 +119,7 @@ def measure(mode: str) -> dict:
         "examples_per_s": FLAGS.steps * FLAGS.batch_size / elapsed,
         "step_s": elapsed / FLAGS.steps,
         # the matmuls of one device's program (no gradients for frozen weights), times the devices
-        "gflop_per_step": benchmarking.matmul_flops(step.compiled.as_text()) * jax.local_device_count() / 1e9,
+        "gflop_per_step": step.matmul_flops() * jax.local_device_count() / 1e9,
         "first_step_s_with_setup_and_compile": compile_s,
         "peak_rss_mib": _peak_rss_mib(),
         "trainable_params": step.parameter_summary["trainable_params"],
