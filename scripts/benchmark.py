@@ -14,6 +14,7 @@ From the repository root:
     python -m scripts.benchmark                                  # everything (about half an hour on 2 cores)
     python -m scripts.benchmark --epoch_tasks=                   # the fixed-shape table alone
     python -m scripts.benchmark --steps=0 --epoch_tasks=rte      # the real-data epochs alone, RTE only
+    python -m scripts.benchmark --epoch_tasks= --dtype=bfloat16  # our steps computing in bfloat16
 
 On an accelerator (GPU or TPU) it prints instead, in one process: the device, JAX's version, the device's dense
 peak (adapter_jax/device_peaks.py, or --peak_tflops), and for MiniLM-, BERT-base- and BERT-large-shaped models
@@ -71,6 +72,7 @@ flags.DEFINE_string("epoch", None, "TASK:packed or TASK:bucketed: time that epoc
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 flags.DEFINE_integer("seq_length", 128, "Tokens per example (every batch padded to this).")
 flags.DEFINE_integer("adapter_size", 64, "Adapter bottleneck size.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "CPU tables: the computation dtype of our steps.")
 cli.define_path_flag("glue_dir", reference.DEFAULT_GLUE_DIR,
                      "GLUE folder (RTE batches are timed).")
 flags.DEFINE_list("models", list(benchmarking.SHAPED_MODELS), "Accelerator table: the shaped models timed.")
@@ -106,7 +108,7 @@ def _config(task_name: str) -> ml_collections.ConfigDict:
     """The task's default config at the benchmark's batch size, length, adapter size and GLUE folder."""
     config = glue.get_config(task_name)
     config.update(glue_dir=FLAGS.glue_dir, adapter_size=FLAGS.adapter_size, max_seq_length=FLAGS.seq_length,
-                  global_batch_size=FLAGS.batch_size)
+                  global_batch_size=FLAGS.batch_size, dtype=FLAGS.dtype)
     return config
 
 
@@ -135,6 +137,7 @@ def measure(mode: str) -> dict:
         "gflop_per_step": step.matmul_flops() * jax.local_device_count() / 1e9,
         "first_step_s_with_setup_and_compile": compile_s,
         "peak_rss_mib": _peak_rss_mib(),
+        "xla_peak_mib": benchmarking.step_memory(step.compiled)["peak_bytes"] / 2**20,
         "trainable_params": step.parameter_summary["trainable_params"],
         "total_params": step.parameter_summary["total_params"],
         "devices": jax.local_device_count(),
@@ -183,7 +186,7 @@ def _run_self(*flag_args: str) -> dict:
     command = [sys.executable, "-m", "scripts.benchmark", *flag_args, f"--steps={FLAGS.steps}",
                f"--batch_size={FLAGS.batch_size}", f"--seq_length={FLAGS.seq_length}",
                f"--adapter_size={FLAGS.adapter_size}", f"--glue_dir={FLAGS.glue_dir}",
-               f"--epoch_train_examples={FLAGS.epoch_train_examples}"]
+               f"--epoch_train_examples={FLAGS.epoch_train_examples}", f"--dtype={FLAGS.dtype}"]
     output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO_ROOT).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -242,6 +245,8 @@ def _print_steps(ours: dict, theirs: dict, peak: float) -> None:
         step_s = FLAGS.batch_size / examples_per_s
         print(f"{system:11s} {mode:8s} {examples_per_s:6.1f} {step_s:7.2f} {gflop:10.1f} {gflop / step_s:8.1f} "
               f"{gflop / step_s / peak:7.0%} {rss:6.0f} MiB")
+    print("XLA's peak memory of our compiled steps (memory_analysis): " + ", ".join(
+        f"{mode} {row['xla_peak_mib']:.0f} MiB" for mode, row in ours.items()) + f" ({FLAGS.dtype})")
     print(f"ours, adapters / full: {ours['adapters']['examples_per_s'] / ours['full']['examples_per_s']:.2f}x")
     for mode, row in theirs.items():
         print(f"ours / AdapterHub, {mode}: {ours[mode]['examples_per_s'] / row['train_examples_per_s']:.2f}x speed, "
