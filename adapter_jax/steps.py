@@ -163,7 +163,7 @@ def replicate_frozen(frozen_params: Any, dtype: str | jnp.dtype) -> Any:
     """
     keep_float32 = trainable.matches(frozen_params, FLOAT32_COMPUTE_PARAMS)
     stored = jax.tree.map(
-        lambda x, keep: x if keep else np.asarray(x).astype(jnp.dtype(dtype)), frozen_params, keep_float32
+        lambda x, keep: x if keep else np.asarray(x, jnp.dtype(dtype)), frozen_params, keep_float32
     )
     return replicate(stored)
 
