@@ -13,11 +13,21 @@ from collections.abc import Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from adapter_jax import steps, training_setup
+from adapter_jax import optim, steps, trainable, training_setup
+from adapter_jax.adapters import AdapterConfig
 from adapter_jax.input_pipeline import Batch
+from adapter_jax.modeling import BertConfig, BertForSequenceClassification
+
+# The models scripts/benchmark.py times on an accelerator, with random weights (speed does not depend on them).
+SHAPED_MODELS = {
+    "MiniLM-L6-H384": BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    "BERT-base": BertConfig.base(),
+    "BERT-large": BertConfig.large(),
+}
 
 
 @dataclasses.dataclass
@@ -27,8 +37,14 @@ class FixedShapeStep:
     compiled: jax.stages.Compiled  # (p_state, p_frozen, batch) -> (p_state, device metrics); donates p_state
     p_state: steps.TrainState
     p_frozen: Any
-    batches: list[Batch]  # real batches, each of the compiled shape
+    batches: list[Batch]  # batches of the compiled shape
     parameter_summary: dict[str, Any]
+    lowered: jax.stages.Lowered  # the program JAX hands XLA, before any backend's rewrites
+
+    def matmul_flops(self) -> float:
+        """FLOPs of one device's matmuls, counted in the lowered program: a GPU's compiled one calls its matmul
+        libraries instead of `dot`s."""
+        return matmul_flops(self.lowered.as_text(dialect="hlo"))
 
 
 def fixed_shape_step(config: ml_collections.ConfigDict, num_batches: int) -> FixedShapeStep:
@@ -42,8 +58,48 @@ def fixed_shape_step(config: ml_collections.ConfigDict, num_batches: int) -> Fix
     setup = training_setup.build(config)
     batches = list(itertools.islice(setup.train_iter, num_batches))
     p_state = steps.replicate(setup.initial_state)
-    compiled = setup.p_train_step.lower(p_state, setup.p_frozen, batches[0]).compile()
-    return FixedShapeStep(compiled, p_state, setup.p_frozen, batches, setup.parameter_summary)
+    lowered = setup.p_train_step.lower(p_state, setup.p_frozen, batches[0])
+    return FixedShapeStep(lowered.compile(), p_state, setup.p_frozen, batches, setup.parameter_summary, lowered)
+
+
+def random_weights_step(
+    bert_config: BertConfig, *, dtype: str, batch_size: int, seq_length: int, adapter_size: int,
+    mode: str = "adapters", frozen_dtype: str | None = None,
+) -> FixedShapeStep:
+    """The training step of a randomly initialised model shaped `bert_config`, built as training_setup builds a
+    run's (trainable split, optimizer, frozen weights in `dtype` on the devices, or in `frozen_dtype` if given),
+    compiled for one random batch of `batch_size` full-length examples split over the local devices."""
+    devices = jax.local_device_count()
+    model = BertForSequenceClassification(bert_config, AdapterConfig(size=adapter_size), dtype=jnp.dtype(dtype))
+    ids = jnp.ones((1, seq_length), jnp.int32)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), ids, ids, ids)["params"]
+    mask = trainable.trainable_mask(params, mode=mode, num_layers=bert_config.num_hidden_layers)
+    trained, frozen = trainable.split(params, mask)
+    tx = optim.create_optimizer(learning_rate=1e-4, total_steps=1000)
+    p_state = steps.replicate(steps.initial_state(trained, tx, seed=0))
+    p_frozen = steps.replicate_frozen(frozen, frozen_dtype or dtype)
+    shape = (devices, batch_size // devices, seq_length)
+    rng = np.random.default_rng(0)
+    batch = {
+        "input_ids": rng.integers(0, bert_config.vocab_size, shape, dtype=np.int32),
+        "token_type_ids": np.zeros(shape, np.int32),
+        "segment_ids": np.ones(shape, np.int32),
+        "label": rng.integers(0, 2, shape[:2], dtype=np.int32),
+        "weight": np.ones(shape[:2], np.float32),
+    }
+    lowered = steps.pmapped_train_step(model, tx, is_regression=False).lower(p_state, p_frozen, batch)
+    summary = trainable.parameter_summary(params, mask)
+    return FixedShapeStep(lowered.compile(), p_state, p_frozen, [batch], summary, lowered)
+
+
+def step_memory(compiled: jax.stages.Compiled) -> dict[str, int]:
+    """XLA's memory analysis of one device's compiled program, in bytes: its arguments, outputs, temporaries, and
+    the peak of all three together, less the outputs written into donated arguments."""
+    analysis = compiled.memory_analysis()
+    argument, output = analysis.argument_size_in_bytes, analysis.output_size_in_bytes
+    temp, aliased = analysis.temp_size_in_bytes, analysis.alias_size_in_bytes
+    return {"argument_bytes": argument, "output_bytes": output, "temp_bytes": temp,
+            "peak_bytes": argument + output + temp - aliased}
 
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$")

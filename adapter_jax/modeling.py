@@ -4,8 +4,9 @@ Module names mirror HF's `BertModel` so a checkpoint maps onto the params tree b
 alone (see weights.py), e.g. HF `encoder.layer.3.attention.self.query.weight` is
 `encoder/layer_3/attention/self/query/kernel` here (transposed).
 
-Parameters are always float32; `dtype` is the computation dtype (bfloat16 on TPU). Softmax
-and LayerNorm run in float32 whatever `dtype` is.
+Parameters are created float32; `dtype` is the computation dtype (bfloat16 on TPU and GPU). Softmax,
+LayerNorm and the classifier run in float32 whatever `dtype` is. A weight may also be passed in `dtype`
+already (steps.replicate_frozen stores the frozen ones so): the modules cast to `dtype` at use, a no-op then.
 """
 
 import dataclasses

@@ -49,7 +49,7 @@ def _predict(config: ml_collections.ConfigDict, workdir: Workdir) -> dict[str, A
     tokenizer = input_pipeline.load_tokenizer(experiment.model_dir)
     evaluator = Evaluator(experiment, config)
     params = steps.replicate(experiment.trainable_params)
-    frozen = steps.replicate(experiment.frozen_params)
+    frozen = steps.replicate_frozen(experiment.frozen_params, config.dtype)
     dev_data = experiment_lib.load_dev_datasets(config, task, tokenizer)
     dev_results = evaluator.evaluate(params, frozen, dev_data, task)
     files = []

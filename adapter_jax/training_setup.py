@@ -26,7 +26,7 @@ class TrainingSetup:
     schedule: optax.Schedule  # the learning rate at each optimizer count (the update that makes step s uses s - 1)
     tx: optax.GradientTransformation
     initial_state: steps.TrainState  # on the host
-    p_frozen: Any  # the frozen parameters, replicated over the local devices
+    p_frozen: Any  # the frozen parameters, replicated over the local devices, in config.dtype (steps.replicate_frozen)
     p_train_step: Callable  # (replicated state, p_frozen, batch) -> (state, device metrics)
     parameter_summary: dict[str, Any]
 
@@ -65,7 +65,7 @@ def build(config: ml_collections.ConfigDict, model_folder: weights.ModelFolder |
         schedule=optim.learning_rate_schedule(**schedule_settings),
         tx=tx,
         initial_state=steps.initial_state(experiment.trainable_params, tx, config.seed),
-        p_frozen=steps.replicate(experiment.frozen_params),
+        p_frozen=steps.replicate_frozen(experiment.frozen_params, config.dtype),
         p_train_step=steps.pmapped_train_step(experiment.model, tx, experiment.task.is_regression),
         parameter_summary=experiment.parameter_summary(),
     )

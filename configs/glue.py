@@ -27,7 +27,7 @@ def get_config(task: str = "rte") -> ml_collections.ConfigDict:
 
     # Model: a folder in HF layout, a hub name (bert-base-uncased, bert-large-uncased), or the offline default.
     config.model = "all-MiniLM-L6-v2"
-    config.dtype = "float32"  # "bfloat16" on TPU: computation dtype; parameters stay float32
+    config.dtype = "float32"  # "bfloat16" on TPU/GPU: computation dtype; frozen weights stored in it on the devices
     config.dropout_rate = -1.0  # < 0: the checkpoint's own dropout
 
     # What trains: "adapters" (the paper), "full", "top_k" (top k layers + head), "layernorm".

@@ -14,6 +14,14 @@ From the repository root:
     python -m scripts.benchmark                                  # everything (about half an hour on 2 cores)
     python -m scripts.benchmark --epoch_tasks=                   # the fixed-shape table alone
     python -m scripts.benchmark --steps=0 --epoch_tasks=rte      # the real-data epochs alone, RTE only
+    python -m scripts.benchmark --epoch_tasks= --dtype=bfloat16  # our steps computing in bfloat16
+
+On an accelerator (GPU or TPU) it prints instead, in one process: the device, JAX's version, the device's dense
+peak (adapter_jax/device_peaks.py, or --peak_tflops), and for MiniLM-, BERT-base- and BERT-large-shaped models
+with random weights (--models), adapters of --adapter_size, float32 and bfloat16, at each of --device_batches
+("max": the largest power of two whose compiled step XLA's memory analysis fits in 90% of the device's memory):
+examples/s, matmul TFLOP/s, MFU and XLA's peak memory of the compiled step. --results_file also writes each row
+as a JSON line.
 
 The reference is ../shared/bench/peer/train_adapterhub.py (PyTorch, AdapterHub `adapters`), run through
 adapter_jax.reference with the same model, batch, sequence length and adapter size; skipped if its virtual
@@ -34,7 +42,7 @@ import time
 import ml_collections
 from absl import app, flags
 
-from adapter_jax import benchmarking, cli, reference, tasks
+from adapter_jax import benchmarking, cli, device_peaks, reference, tasks
 from configs import glue
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -64,8 +72,15 @@ flags.DEFINE_string("epoch", None, "TASK:packed or TASK:bucketed: time that epoc
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 flags.DEFINE_integer("seq_length", 128, "Tokens per example (every batch padded to this).")
 flags.DEFINE_integer("adapter_size", 64, "Adapter bottleneck size.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "CPU tables: the computation dtype of our steps.")
 cli.define_path_flag("glue_dir", reference.DEFAULT_GLUE_DIR,
                      "GLUE folder (RTE batches are timed).")
+flags.DEFINE_list("models", list(benchmarking.SHAPED_MODELS), "Accelerator table: the shaped models timed.")
+flags.DEFINE_list("device_batches", ["32", "max"], "Accelerator table: global batch sizes; 'max' searches.")
+flags.DEFINE_integer("max_batch", 4096, "Accelerator table: the largest batch 'max' tries.")
+flags.DEFINE_float("peak_tflops", None, "Accelerator table: the device's dense peak per chip in TFLOP/s for both "
+                   "dtypes, overriding device_peaks.py's table.")
+flags.DEFINE_string("results_file", None, "Accelerator table: also append each row here as a JSON line.")
 flags.DEFINE_string("peer_python", reference.DEFAULT_PEER_PYTHON,
                     "Python of the peer's virtual environment (made by its setup.sh); skipped if missing.")
 
@@ -93,7 +108,7 @@ def _config(task_name: str) -> ml_collections.ConfigDict:
     """The task's default config at the benchmark's batch size, length, adapter size and GLUE folder."""
     config = glue.get_config(task_name)
     config.update(glue_dir=FLAGS.glue_dir, adapter_size=FLAGS.adapter_size, max_seq_length=FLAGS.seq_length,
-                  global_batch_size=FLAGS.batch_size)
+                  global_batch_size=FLAGS.batch_size, dtype=FLAGS.dtype)
     return config
 
 
@@ -119,9 +134,10 @@ def measure(mode: str) -> dict:
         "examples_per_s": FLAGS.steps * FLAGS.batch_size / elapsed,
         "step_s": elapsed / FLAGS.steps,
         # the matmuls of one device's program (no gradients for frozen weights), times the devices
-        "gflop_per_step": benchmarking.matmul_flops(step.compiled.as_text()) * jax.local_device_count() / 1e9,
+        "gflop_per_step": step.matmul_flops() * jax.local_device_count() / 1e9,
         "first_step_s_with_setup_and_compile": compile_s,
         "peak_rss_mib": _peak_rss_mib(),
+        "xla_peak_mib": benchmarking.step_memory(step.compiled)["peak_bytes"] / 2**20,
         "trainable_params": step.parameter_summary["trainable_params"],
         "total_params": step.parameter_summary["total_params"],
         "devices": jax.local_device_count(),
@@ -170,7 +186,7 @@ def _run_self(*flag_args: str) -> dict:
     command = [sys.executable, "-m", "scripts.benchmark", *flag_args, f"--steps={FLAGS.steps}",
                f"--batch_size={FLAGS.batch_size}", f"--seq_length={FLAGS.seq_length}",
                f"--adapter_size={FLAGS.adapter_size}", f"--glue_dir={FLAGS.glue_dir}",
-               f"--epoch_train_examples={FLAGS.epoch_train_examples}"]
+               f"--epoch_train_examples={FLAGS.epoch_train_examples}", f"--dtype={FLAGS.dtype}"]
     output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO_ROOT).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -229,6 +245,8 @@ def _print_steps(ours: dict, theirs: dict, peak: float) -> None:
         step_s = FLAGS.batch_size / examples_per_s
         print(f"{system:11s} {mode:8s} {examples_per_s:6.1f} {step_s:7.2f} {gflop:10.1f} {gflop / step_s:8.1f} "
               f"{gflop / step_s / peak:7.0%} {rss:6.0f} MiB")
+    print("XLA's peak memory of our compiled steps (memory_analysis): " + ", ".join(
+        f"{mode} {row['xla_peak_mib']:.0f} MiB" for mode, row in ours.items()) + f" ({FLAGS.dtype})")
     print(f"ours, adapters / full: {ours['adapters']['examples_per_s'] / ours['full']['examples_per_s']:.2f}x")
     for mode, row in theirs.items():
         print(f"ours / AdapterHub, {mode}: {ours[mode]['examples_per_s'] / row['train_examples_per_s']:.2f}x speed, "
@@ -271,8 +289,82 @@ def _print_epochs() -> None:
                   f"{total / (row['train_s'] + row['eval_s']):.2f}x faster")
 
 
+def _device_step(model_name: str, dtype: str, batch_size: int) -> benchmarking.FixedShapeStep:
+    return benchmarking.random_weights_step(benchmarking.SHAPED_MODELS[model_name], dtype=dtype, batch_size=batch_size,
+                                            seq_length=FLAGS.seq_length, adapter_size=FLAGS.adapter_size)
+
+
+def _largest_batch(model_name: str, dtype: str, memory_limit: int) -> int:
+    """The largest power of two (at most --max_batch) whose compiled step fits in 90% of `memory_limit` bytes:
+    extrapolated linearly from the steps at 32 and 64, then halved until XLA's memory analysis agrees."""
+    peak = {b: benchmarking.step_memory(_device_step(model_name, dtype, b).compiled)["peak_bytes"] for b in (32, 64)}
+    per_example = max((peak[64] - peak[32]) / 32, 1.0)
+    fitting = (0.9 * memory_limit - peak[32]) / per_example + 32
+    batch = 32
+    while batch * 2 <= min(fitting, FLAGS.max_batch):
+        batch *= 2
+    while batch > 32 and benchmarking.step_memory(
+            _device_step(model_name, dtype, batch).compiled)["peak_bytes"] > 0.9 * memory_limit:
+        batch //= 2
+    return batch
+
+
+def measure_device_row(model_name: str, dtype: str, batch_size: int, peak_tflops: float) -> dict:
+    """One accelerator-table row: `FLAGS.steps` timed steps after a warm-up one."""
+    import jax
+
+    step = _device_step(model_name, dtype, batch_size)
+    p_state, metrics = step.compiled(step.p_state, step.p_frozen, step.batches[0])
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(FLAGS.steps):
+        p_state, metrics = step.compiled(p_state, step.p_frozen, step.batches[0])
+    jax.block_until_ready((p_state, metrics))
+    step_s = (time.perf_counter() - start) / FLAGS.steps
+    devices = jax.local_device_count()
+    tflops = step.matmul_flops() * devices / step_s / 1e12
+    return {"model": model_name, "dtype": dtype, "batch": batch_size, "seq_length": FLAGS.seq_length,
+            "adapter_size": FLAGS.adapter_size, "examples_per_s": batch_size / step_s, "step_ms": step_s * 1e3,
+            "matmul_tflops": tflops, "mfu": tflops / (peak_tflops * devices),
+            "xla_peak_gib": benchmarking.step_memory(step.compiled)["peak_bytes"] / 2**30,
+            "trainable_params": step.parameter_summary["trainable_params"], "devices": devices,
+            "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+
+
+def _device_table() -> None:
+    import jax
+
+    device = jax.devices()[0]
+    known = device_peaks.lookup(device.device_kind)
+    if FLAGS.peak_tflops is None and known is None:
+        raise app.UsageError(f"no peak listed for {device.device_kind!r} in adapter_jax/device_peaks.py: "
+                             "pass --peak_tflops")
+    peak = device_peaks.Peak(FLAGS.peak_tflops, FLAGS.peak_tflops) if FLAGS.peak_tflops else known
+    memory_limit = (device.memory_stats() or {}).get("bytes_limit", 0)
+    print(f"device: {jax.local_device_count()} x {device.device_kind}, JAX {jax.__version__}, dense peak per chip "
+          f"{peak.bfloat16:g} TFLOP/s bfloat16, {peak.float32:g} float32 (JAX's default precision), "
+          f"memory {memory_limit / 2**30:.0f} GiB; batch x {FLAGS.seq_length} tokens, adapters of size "
+          f"{FLAGS.adapter_size}, random weights, {FLAGS.steps} timed steps")
+    print(f"{'model':15s} {'dtype':8s} {'batch':>5s} {'ex/s':>8s} {'ms/step':>8s} {'TFLOP/s':>8s} {'MFU':>6s} "
+          f"{'XLA peak':>9s}")
+    for model_name, dtype in itertools.product(FLAGS.models, ("float32", "bfloat16")):
+        for size in FLAGS.device_batches:
+            batch = _largest_batch(model_name, dtype, memory_limit) if size == "max" else int(size)
+            row = measure_device_row(model_name, dtype, batch, peak.for_dtype(dtype))
+            print(f"{model_name:15s} {dtype:8s} {batch:5d} {row['examples_per_s']:8.0f} {row['step_ms']:8.1f} "
+                  f"{row['matmul_tflops']:8.1f} {row['mfu']:6.1%} {row['xla_peak_gib']:6.2f} GiB", flush=True)
+            if FLAGS.results_file:
+                with open(FLAGS.results_file, "a") as results:
+                    results.write(json.dumps(row) + "\n")
+
+
 def main(argv: list[str]) -> None:
     del argv
+    import jax
+
+    if jax.default_backend() != "cpu" and not (FLAGS.only or FLAGS.epoch):
+        _device_table()
+        return
     if FLAGS.only == "matmul":
         print(json.dumps({"gflops": measure_matmul()}))
         return

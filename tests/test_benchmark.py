@@ -25,3 +25,14 @@ def test_cpu_description_names_the_model_cores_and_vector_extension():
     model, cores, vectors = line.rsplit(", ", 2)
     assert model and cores.endswith(" logical cores") and int(cores.split()[0]) >= 1
     assert vectors in ("AVX-512", "AVX2", "no AVX2")
+
+
+def test_device_peaks_match_jax_device_kinds_most_specific_first():
+    from adapter_jax import device_peaks
+
+    assert device_peaks.lookup("NVIDIA H200").bfloat16 == 989
+    assert device_peaks.lookup("NVIDIA A100-SXM4-80GB").for_dtype("float32") == 156  # TF32, not A10's
+    assert device_peaks.lookup("NVIDIA A10G").bfloat16 == 125
+    assert device_peaks.lookup("TPU v5 lite").bfloat16 == 197  # v5e, not v5p
+    assert device_peaks.lookup("NVIDIA L40S").bfloat16 == 362 and device_peaks.lookup("NVIDIA L4").bfloat16 == 121
+    assert device_peaks.lookup("cpu") is None
