@@ -80,7 +80,7 @@ def test_sweep_writes_test_predictions_the_report_gathers(tiny_config, tmp_path)
 
     tiny_config.num_epochs = 1
     runs = list(sweep.grid(["adapters"], [1e-2], [1], [8], [0]))
-    (result,) = sweep.sweep(tiny_config, tmp_path / "sweep", runs, predict_test=True)
+    (result,) = sweep.sweep(tiny_config, tmp_path / "sweep", runs, predict_test="selected")
     best = report.best_runs([RunResult.from_dict(result)])
     copied = report.copy_submission(best, next(iter(best)), tmp_path / "submission")
     assert [path.name for path in copied] == ["RTE.tsv"]
