@@ -390,10 +390,11 @@ def _faulty(module, *args) -> list[str]:
 
 
 def _error_line(result) -> str:
-    """The process's one console line, an `error:` line: asserted so."""
+    """The process's last console line, its one `error:` line, without a traceback: asserted so."""
     lines = _console(result.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:] and "Traceback" not in result.stderr, result.stderr
+    return lines[-1]
 
 
 # --- An exception no handler expects, in every entry point ---------------------------------------------------------
