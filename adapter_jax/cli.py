@@ -5,13 +5,17 @@ of the run as one `error:` line and an exit code:
     AdapterJaxError (bad input)                       2
     NonFiniteLoss, PeerLost, WriteFailed              1
     Preempted (SIGTERM, SIGINT)                       128 + the signal, after its message
+    anything else (a bug, a library's own error)      1, as `error: <type>: <message> (traceback in <file>)`
 """
 
 import argparse
 import contextlib
+import functools
 import os
 import pathlib
 import sys
+import tempfile
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
@@ -109,8 +113,12 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def start(log_file: pathlib.Path) -> None:
     """Routes the logs to `log_file` and joins the run's other processes (distributed.define_flags' flags;
-    a mistake in them is a usage error)."""
-    logs.route_logs(log_file)
+    a mistake in them is a usage error). A workdir that is a file, or cannot be written, is a usage error
+    too: the log file is the first thing written there."""
+    try:
+        logs.route_logs(log_file)
+    except OSError as e:
+        usage_error(f"--workdir: cannot write the log file {log_file}: {e.strerror or e}")
     try:
         distributed.initialize_from_flags()
     except ConfigError as e:
@@ -131,6 +139,34 @@ def exit_codes(*bad_input: type[Exception]) -> Iterator[None]:
         sys.exit(2 if isinstance(e, (AdapterJaxError, *bad_input)) else 1)
 
 
+@contextlib.contextmanager
+def uncaught_errors() -> Iterator[None]:
+    """Any exception that no handler took (a bug, a library's own error) as one `error:` line on the console
+    naming the file that holds its traceback, and exit status 1. Once route_logs has run, sys.stderr is the
+    run's log file, so a traceback printed there would leave the console silent; before that (or in a script
+    without a log file), the traceback goes to a temporary file of its own."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - the point. SystemExit, KeyboardInterrupt are not Exceptions
+        log_file = logs.routed_file()
+        if log_file is None:
+            with tempfile.NamedTemporaryFile("w", prefix="adapter-jax-error-", suffix=".log", delete=False) as f:
+                traceback.print_exc(file=f)
+            log_file = pathlib.Path(f.name)
+        else:
+            traceback.print_exc(file=sys.stderr)
+            sys.stderr.flush()
+        message = next(iter(str(e).splitlines()), "")
+        print(f"error: {type(e).__name__}: {message} (traceback in {log_file})", file=logs.console())
+        sys.exit(1)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
-    """app.run with `parse_flags`: the way every absl entry point starts."""
-    app.run(main, flags_parser=parse_flags)
+    """app.run with `parse_flags` and `uncaught_errors`: the way every absl entry point starts."""
+
+    @functools.wraps(main)
+    def reported(argv: list[str]) -> None:
+        with uncaught_errors():
+            main(argv)
+
+    app.run(reported, flags_parser=parse_flags)

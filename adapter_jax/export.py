@@ -98,6 +98,12 @@ def read_raw(path: epath.PathLike) -> tuple[dict, dict]:
             f"adapter export {path} lacks the settings {missing} in its {_METADATA_KEY!r} metadata; "
             f"it was written by another version of adapter-jax or edited"
         )
+    wrong = run_spec.settings_problems(settings)
+    if not isinstance(settings["base_fingerprint"], str):
+        wrong.append(f"base_fingerprint: {settings['base_fingerprint']!r} is not allowed (must be a string)")
+    if wrong:
+        raise CheckpointError(f"adapter export {path} has settings of the wrong type in its {_METADATA_KEY!r} "
+                              f"metadata: {'; '.join(wrong)}")
     params = traverse_util.unflatten_dict({tuple(k.split(_SEPARATOR)): v for k, v in tensors.items()})
     return params, settings
 

@@ -16,6 +16,7 @@ _PROJECT_DIRS = tuple(
     str(pathlib.Path(__file__).resolve().parents[1] / name) + os.sep for name in ("adapter_jax", "scripts")
 )
 _console_stream: TextIO | None = None
+_routed_file: pathlib.Path | None = None
 
 
 def console() -> TextIO:
@@ -45,13 +46,19 @@ def _for_console(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING and not orbax_error and record.name != "asyncio"
 
 
+def routed_file() -> pathlib.Path | None:
+    """The log file route_logs sends every log line and sys.stderr to; None before it has run."""
+    return _routed_file
+
+
 def route_logs(log_file: pathlib.Path) -> None:
     """Every library's INFO lines go to `log_file`; the console shows the project's own lines and
     everyone's warnings."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    # Opened first, so that a workdir that cannot be written stops here with the logging untouched.
+    file_handler = logging.FileHandler(log_file, encoding="utf-8")
     root = logging.getLogger()
     root.removeHandler(absl_logging.get_absl_handler())
-    file_handler = logging.FileHandler(log_file, encoding="utf-8")
     file_handler.setFormatter(absl_logging.PythonFormatter())
     console_handler = _ConsoleHandler()
     console_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
@@ -61,7 +68,8 @@ def route_logs(log_file: pathlib.Path) -> None:
     logging.captureWarnings(True)  # Python warnings as log records: on the console, as every warning is
     # Native threads print Python tracebacks to sys.stderr themselves: after a failed checkpoint write,
     # tensorstore's in-flight writes report dozens of "Event loop is closed" as they land. They go to the log.
-    global _console_stream
+    global _console_stream, _routed_file
+    _routed_file = log_file
     if _console_stream is None:
         _console_stream = sys.stderr
     sys.stderr = open(log_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open as long as the process

@@ -7,7 +7,10 @@ what is known.
 """
 
 import dataclasses
+import json
 import math
+import types
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,17 +53,26 @@ class RunResult:
     test_predictions_dir: str | None = None  # the run's GLUE test predictions, where a sweep wrote them
 
     @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> "RunResult":
-        """A results line or summary.json read back; raises DataError (without the file's name) if it lacks
-        a required key or its score is not a finite number. Keys this version does not know are left out."""
+    def from_dict(cls, record: Any) -> "RunResult":
+        """A results line or summary.json read back; raises DataError (without the file's name) if it is not a
+        JSON object, lacks a required key, has a value of the wrong type (a number for the task), an adapters run
+        without its adapter size, or a score that is not a finite number. Keys this version does not know are
+        left out."""
+        if not isinstance(record, Mapping):
+            raise DataError(f"not a JSON object of a run's result: {json.dumps(record)}")
         missing = [key for key in REQUIRED_KEYS if key not in record]
         if missing:
             raise DataError(f"missing keys {missing}")
         score = record["score"]
-        if not isinstance(score, (int, float)) or not math.isfinite(score):
+        if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
             raise DataError(f"score must be a finite number, got {score!r}")
-        known = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in record.items() if key in known})
+        fields = {field.name: field.type for field in dataclasses.fields(cls)}
+        for key, value in record.items():
+            if key in fields and not _fits(value, fields[key]):
+                raise DataError(f"{key} must be {_describe(fields[key])}, got {value!r}")
+        if record["mode"] == "adapters" and record.get("adapter_size") is None:
+            raise DataError("an adapters run without its adapter_size")
+        return cls(**{key: value for key, value in record.items() if key in fields})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, in field order, without the fields that are None."""
@@ -70,3 +82,23 @@ class RunResult:
     def trainer(self) -> str:
         """Who trained the run: OUR_SOURCE, or the source it names."""
         return self.source or OUR_SOURCE
+
+
+def _options(annotation: Any) -> tuple:
+    """The types a field's annotation allows: `int | None` -> (int, NoneType)."""
+    return typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    for option in _options(annotation):
+        if option in (int, float):  # JSON numbers, not booleans
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return True
+        elif isinstance(value, typing.get_origin(option) or option):
+            return True
+    return False
+
+
+def _describe(annotation: Any) -> str:
+    names = {int: "a number", float: "a number", str: "a string", type(None): "null"}
+    return " or ".join(dict.fromkeys(names.get(option, "a JSON object") for option in _options(annotation)))

@@ -6,13 +6,14 @@ decision. The export stores it (`to_dict`) and a loader reads it back whole (`fr
 """
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
 
 from adapter_jax import tasks, trainable
 from adapter_jax.adapters import AdapterConfig
+from adapter_jax.checks import non_negative_int, number, positive_int
 
 # The keys `to_dict` writes and `from_dict` needs; the export's metadata format 1 holds them at its top level.
 KEYS = ("task", "model", "mode", "adapter", "top_k", "train_pooler", "max_seq_length")
@@ -20,6 +21,31 @@ ADAPTER_KEYS = tuple(field.name for field in dataclasses.fields(AdapterConfig))
 # The config keys that shape the model and what trains: a run loaded from its export takes them from its
 # RunSpec, and never reads them from the config.
 MODEL_KEYS = ("mode", "adapter_size", "adapter_init_std", "adapter_sites", "adapter_layers", "top_k", "train_pooler")
+
+_TEXT = (lambda v: isinstance(v, str) and bool(v), "a non-empty string")
+# What `from_dict` may be given: each key's check and what it allows (the adapter's keys under "adapter.").
+SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "task": _TEXT,
+    "model": _TEXT,
+    "mode": (lambda v: v in trainable.MODES, f"one of {list(trainable.MODES)}"),
+    "top_k": (non_negative_int, "a non-negative integer"),
+    "train_pooler": (lambda v: isinstance(v, bool), "true or false"),
+    "max_seq_length": (positive_int, "a positive integer"),
+    "adapter.size": (non_negative_int, "a non-negative integer"),
+    "adapter.init_std": (number(0.0), "a non-negative number"),
+    "adapter.sites": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a list of names"),
+    "adapter.layers": (lambda v: v is None or (isinstance(v, list) and all(map(non_negative_int, v))),
+                       "null or a list of layer indices"),
+}
+
+
+def settings_problems(settings: Mapping[str, Any]) -> list[str]:
+    """`key: value is not allowed (must be ...)` for each setting of `settings` (a `to_dict`, read back) that
+    `from_dict` could not use; the missing ones are left to the caller."""
+    adapter = settings.get("adapter")
+    flat = {**settings, **{f"adapter.{k}": v for k, v in adapter.items()}} if isinstance(adapter, dict) else settings
+    return [f"{key}: {flat[key]!r} is not allowed (must be {allowed})"
+            for key, (check, allowed) in SETTING_CHECKS.items() if key in flat and not check(flat[key])]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -160,6 +160,8 @@ def _consistency_problems(
         bad_layers = [layer for layer in config.adapter_layers if layer >= layers] if valid("adapter_layers") else []
         if bad_layers:
             problems.append(("adapter_layers", f"{bad_layers} beyond the model's {layers} layers (0..{layers - 1})"))
+    if valid("max_seq_length", "task"):
+        problems += _sequence_length_problems(config)
     if valid("data_source", "task", "glue_dir") and config.data_source == "tsv":
         task = tasks.get_task(config.task)
         needed = [(task, split) for split in (("train",) if purpose == "train" else ()) + task.dev_splits]
@@ -173,6 +175,17 @@ def _consistency_problems(
                 message = f"{path} not found (task {needed_task.name}, split {split}); to download it, run {fetch}"
                 problems.append(("glue_dir", message))
     return problems
+
+
+def _sequence_length_problems(config: ml_collections.ConfigDict) -> list[Problem]:
+    """An example is [CLS] text [SEP] (a pair: [CLS] a [SEP] b [SEP]): each text needs one token and one [SEP]."""
+    columns = len(tasks.get_task(config.task).text_columns)
+    shortest = 1 + 2 * columns
+    if config.max_seq_length >= shortest:
+        return []
+    layout = "[CLS] a [SEP] b [SEP]" if columns == 2 else "[CLS] text [SEP]"
+    message = f"{config.max_seq_length} is too short for {config.task}'s {layout}: at least {shortest}"
+    return [("max_seq_length", message)]
 
 
 def _workdir_problems(config: ml_collections.ConfigDict, workdir: epath.Path) -> list[Problem]:

@@ -4,6 +4,7 @@ by process 0 alone where the processes of a pod share them, and the lock that ke
     <workdir>/config.json               the config the metrics history began with (validation compares a rerun)
     <workdir>/lock.json                 the run holding the workdir
     <workdir>/metrics.jsonl             the metrics history (on gs://, chunks metrics/<number>.jsonl)
+    <workdir>/metrics.damaged.txt     damaged history lines a resume set aside, each group after its source
     <workdir>/tensorboard/              the same scalars as TensorBoard events
     <workdir>/checkpoints/              orbax steps; corrupt_checkpoints/ the steps that could not be read
     <workdir>/export/adapters.safetensors   the best-on-dev trained parameters
@@ -63,6 +64,7 @@ class Workdir:
     lock = property(lambda self: self.path / _LOCK_FILE)
     history_file = property(lambda self: self.path / "metrics.jsonl")  # where appending is possible
     history_chunks = property(lambda self: self.path / "metrics")  # on an object store, read in name order
+    damaged_history = property(lambda self: self.path / "metrics.damaged.txt")  # lines a resume set aside
     tensorboard = property(lambda self: self.path / "tensorboard")
     checkpoints = property(lambda self: self.path / "checkpoints")
     corrupt_checkpoints = property(lambda self: self.path / "corrupt_checkpoints")  # kept to look at

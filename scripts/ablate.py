@@ -34,6 +34,7 @@ import matplotlib.figure
 import matplotlib.pyplot as plt
 
 from adapter_jax import (
+    checks,
     cli,
     distributed,
     evaluation,
@@ -46,7 +47,7 @@ from adapter_jax import (
     trainable,
 )
 from adapter_jax import experiment as experiment_lib
-from adapter_jax.errors import CheckpointError, ConfigError
+from adapter_jax.errors import CheckpointError, ConfigError, DataError
 from adapter_jax.workdir import Workdir, is_primary_process, write_atomic
 
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "glue.py")
@@ -57,6 +58,8 @@ PLOT_FILE = "ablation.png"
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 # Both sites' up projections: zeroing them makes x + up(gelu(down(x))) exactly x.
 _UP_PROJECTION = re.compile(r"bert/encoder/layer_(\d+)/.*/adapter/up/[^/]+")
+# What the heatmap reads from an ablation.json.
+_PLOTTED_KEYS = ("task", "split", "metric", "num_layers", "unablated", "majority", "spans")
 # Annotating each cell stays legible up to BERT-base's 12 layers.
 _MAX_ANNOTATED_LAYERS = 12
 
@@ -252,12 +255,33 @@ def parse_config(args: Sequence[str]) -> ml_collections.ConfigDict:
     return values.config
 
 
+def read_results(results_file: epath.Path) -> dict[str, Any]:
+    """An ablation.json as `ablate` wrote it; DataError naming the file and what is wrong with it otherwise."""
+    try:
+        results = json.loads(results_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read {results_file}: {e}") from e
+    missing = [key for key in _PLOTTED_KEYS if key not in results] if isinstance(results, dict) else _PLOTTED_KEYS
+    if missing:
+        raise DataError(f"{results_file}: not an ablation results file: it lacks {list(missing)}")
+    num_layers, spans = results["num_layers"], results["spans"]
+    if not (checks.positive_int(num_layers) and isinstance(spans, list)):
+        raise DataError(f"{results_file}: num_layers must be a positive integer and spans a list")
+    for index, span in enumerate(spans):
+        layer = checks.number(0, num_layers - 1)
+        if not (isinstance(span, dict) and checks.non_negative_int(span.get("first"))
+                and checks.non_negative_int(span.get("last")) and layer(span["first"]) and layer(span["last"])
+                and checks.number()(span.get("score"))):
+            raise DataError(f"{results_file}: spans[{index}] is not a span of layers 0..{num_layers - 1} with a score")
+    for key in ("unablated", "majority"):
+        if not checks.number()(results[key]):
+            raise DataError(f"{results_file}: {key} must be a number, not {results[key]!r}")
+    return results
+
+
 def replot(results_file: epath.Path, out_dir: epath.Path | None = None) -> dict[str, Any]:
     """Redraws the heatmap of a written ablation.json into `out_dir` (default: its own folder)."""
-    try:
-        results = json.loads(results_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"error: cannot read {results_file}: {e}") from e
+    results = read_results(results_file)
     path = (out_dir or results_file.parent) / PLOT_FILE
     plot(results, path)
     print(f"wrote {path}")
@@ -277,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     distributed.add_arguments(parser)
     args, config_args = parser.parse_known_args(argv)
     if args.replot:
-        return replot(epath.Path(args.replot), epath.Path(args.out_dir) if args.out_dir else None)
+        with cli.exit_codes(OSError):  # OSError: the plot's folder cannot be written
+            return replot(epath.Path(args.replot), epath.Path(args.out_dir) if args.out_dir else None)
     try:
         config = parse_config(config_args)
     except (flags.Error, AttributeError, TypeError, OSError) as e:  # how config_flags reports a bad override
@@ -302,4 +327,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    with cli.uncaught_errors():
+        main()

@@ -21,7 +21,6 @@ import math
 import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from typing import NamedTuple
 
 import matplotlib
 from etils import epath
@@ -34,14 +33,18 @@ from adapter_jax import cli, metrics, paper, submission, tasks
 from adapter_jax.errors import DataError
 from adapter_jax.figures import save_figure
 from adapter_jax.results import OUR_SOURCE, RunResult
+from adapter_jax.selection import BEST_SIZE, BestRuns, Method, best_runs, method_of
+from scripts import markdown
+from scripts.tradeoff import (
+    TRADEOFF_FILE,
+    TRADEOFF_TABLE_FILE,
+    has_tradeoff,
+    plot_tradeoff,
+    render_tradeoff,
+    tradeoff_points,
+)
 
-Method = tuple[str, str]  # (source, method name)
-BestRuns = dict[Method, dict[str, RunResult]]  # method -> task -> its best run
-
-BEST_SIZE = "adapters (best size)"
 PAPER_SOURCE = "paper (GLUE test)"
-TRADEOFF_FILE = "tradeoff.png"
-TRADEOFF_TABLE_FILE = "tradeoff.md"
 # The paper's "total params" counts one task-specific copy for each of the nine GLUE tasks.
 NUM_GLUE_TASKS = len(tasks.GLUE_TASKS)
 # How a dev_metrics key names MNLI's mismatched accuracy, e.g. "accuracy_mm", "mm/accuracy", "mismatched_acc".
@@ -55,28 +58,18 @@ def load_results(paths: Iterable[epath.PathLike]) -> list[RunResult]:
     for path in map(epath.Path, paths):
         if not path.is_file():
             raise DataError(f"results file not found: {path}")
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
+        for lineno, line in enumerate(path.read_bytes().splitlines(), start=1):
             try:
-                runs.append(RunResult.from_dict(json.loads(line)))
+                text = line.decode("utf-8")
+                if text.strip():
+                    runs.append(RunResult.from_dict(json.loads(text)))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from e
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not JSON ({e.msg})") from e
             except DataError as e:
                 raise DataError(f"{path}:{lineno}: {e}") from e
     return runs
-
-
-def method_of(run: RunResult) -> str:
-    """The run's method as the table names it, e.g. "adapters (size 64)", "top_k (k=3)", "full fine-tuning"."""
-    mode = run.mode
-    if mode == "adapters":
-        return f"adapters (size {run.adapter_size})"
-    if mode == "full":
-        return "full fine-tuning"
-    if mode == "top_k":
-        return f"top_k (k={run.top_k})"
-    return mode
 
 
 def column_scores(run: RunResult) -> dict[str, float]:
@@ -90,23 +83,6 @@ def column_scores(run: RunResult) -> dict[str, float]:
     if mismatched:
         scores["mnli_mm"] = 100 * mismatched[0]
     return scores
-
-
-def best_runs(runs: Iterable[RunResult]) -> BestRuns:
-    """For each (source, method) and task, the run with the best dev score; ties go to fewer trained params."""
-    best: BestRuns = collections.defaultdict(dict)
-    for run in runs:
-        source = run.trainer
-        methods = [method_of(run)] + ([BEST_SIZE] if run.mode == "adapters" else [])
-        for method in methods:
-            current = best[source, method].get(run.task)
-            if current is None or _rank(run) > _rank(current):
-                best[source, method][run.task] = run
-    return dict(best)
-
-
-def _rank(run: RunResult) -> tuple[float, float]:
-    return run.score, -(run.trainable_params or 0)
 
 
 def _method_order(method: Method) -> tuple:
@@ -170,23 +146,13 @@ def _our_columns(rows: Sequence[_Row]) -> list[str]:
     return [c for c in paper.COLUMNS if c in ours] or list(paper.COLUMNS)
 
 
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:{spec}}{suffix}"
-
-
 def _or_nan(value: float | None) -> float:
     return math.nan if value is None else value
 
 
 def _percent(fraction: float) -> str:
     percent = 100 * fraction
-    return _fmt(percent, ".0f" if percent >= 10 else ".2g", "%")
-
-
-def _markdown(header: Sequence[str], body: Iterable[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return "\n".join(lines)
+    return markdown.cell(percent, ".0f" if percent >= 10 else ".2g", "%")
 
 
 def render_table(best: BestRuns, runs: Sequence[RunResult] = ()) -> str:
@@ -200,14 +166,14 @@ def render_table(best: BestRuns, runs: Sequence[RunResult] = ()) -> str:
     body = []
     for row in rows:
         partial = any(c not in row.scores for c in avg_columns)
-        cells = [row.label, row.source, _fmt(row.total, ".1f", "x"), _percent(row.fraction)]
-        cells += [_fmt(row.scores.get(c), ".1f") for c in paper.COLUMNS]
-        cells.append(_fmt(row.mean(avg_columns), ".1f", " (partial)" if partial else ""))
-        cells.append(_fmt(row.glue_score, ".1f"))
+        cells = [row.label, row.source, markdown.cell(row.total, ".1f", "x"), _percent(row.fraction)]
+        cells += [markdown.cell(row.scores.get(c), ".1f") for c in paper.COLUMNS]
+        cells.append(markdown.cell(row.mean(avg_columns), ".1f", " (partial)" if partial else ""))
+        cells.append(markdown.cell(row.glue_score, ".1f"))
         body.append(cells)
     parts = [
         "## Houlsby et al. (2019) Table 1 (BERT-large, GLUE test) beside our runs (their own model, dev)",
-        _markdown(header, body),
+        markdown.table(header, body),
         (
             f"Paper rows: GLUE test server, percent. Ours: dev set, best run per task and method. {avg_title} is "
             f"the mean over the columns our runs fill, for every row alike. GLUE score: the paper's own \"Total\", "
@@ -232,14 +198,14 @@ def _render_runs(best: BestRuns, runs: Sequence[RunResult]) -> str:
 
     body = [
         [
-            run.task, method_of(run), run.trainer, _fmt(run.learning_rate, "g"),
-            _fmt(run.num_epochs, "g"), _fmt(run.adapter_size, "g"), _fmt(run.seed, "g"),
-            _fmt(100 * run.score, ".2f"), _percent(_or_nan(run.trainable_fraction)),
-            _fmt(_or_nan(run.wall_time_s) / 60, ".1f"), "yes" if id(run) in selected else "",
+            run.task, method_of(run), run.trainer, markdown.cell(run.learning_rate, "g"),
+            markdown.cell(run.num_epochs, "g"), markdown.cell(run.adapter_size, "g"), markdown.cell(run.seed, "g"),
+            markdown.cell(100 * run.score, ".2f"), _percent(_or_nan(run.trainable_fraction)),
+            markdown.cell(_or_nan(run.wall_time_s) / 60, ".1f"), "yes" if id(run) in selected else "",
         ]
         for run in sorted(runs, key=key)
     ]
-    return _markdown(header, body)
+    return markdown.table(header, body)
 
 
 def _family(label: str) -> str:
@@ -295,135 +261,6 @@ def plot(best: BestRuns, path: epath.PathLike, per_task: bool = False) -> epath.
     return save_figure(fig, path)
 
 
-# The methods of the paper's trade-off (Figures 3-4), by mode, in legend order.
-TRADEOFF_METHODS: Mapping[str, str] = {
-    "adapters": "adapters (size m)",
-    "top_k": "fine-tuning the top k layers",
-    "layernorm": "LayerNorm only",
-    "full": "full fine-tuning",
-}
-# The paper's reading of its Figures 3-4, in the words of this repository's issue 14.
-TRADEOFF_CLAIM = "Houlsby et al. (2019), Figs. 3-4: adapters dominate top-k fine-tuning at every parameter budget."
-
-
-class TradeoffPoint(NamedTuple):
-    trainable_params: int
-    score: float  # percent: the best dev run (the paper's selection)
-    label: str  # what varies along the method's line: "m=8", "k=2", or ""
-    seed_scores: tuple[float, ...]  # percent: every seed of the best run's setting (learning rate and epochs)
-    setting: str  # that setting, e.g. "lr 0.003, 3 epochs"
-
-
-def _setting(run: RunResult) -> tuple:
-    """What the seeds of one setting share: source, task, method and point, learning rate and epochs."""
-    return run.trainer, run.task, method_of(run), run.learning_rate, run.num_epochs
-
-
-def tradeoff_points(best: BestRuns, runs: Iterable[RunResult] = ()) -> dict[str, dict[Method, list[TradeoffPoint]]]:
-    """Task -> (source, mode) -> that method's points, fewest trained parameters first: at each adapter size
-    or k, the best dev run over learning rate, epochs and seeds (best_runs' choice), with the scores of every
-    seed among `runs` that shares its learning rate and epochs (its own score alone if `runs` is empty)."""
-    seeds = collections.defaultdict(list)
-    for run in runs:
-        seeds[_setting(run)].append(100 * run.score)
-    points: dict[str, dict[Method, list[TradeoffPoint]]] = collections.defaultdict(dict)
-    for (source, method), by_task in best.items():
-        if method == BEST_SIZE:
-            continue
-        for task, run in by_task.items():
-            if run.mode not in TRADEOFF_METHODS or not run.trainable_params:
-                continue
-            label = {"adapters": f"m={run.adapter_size}", "top_k": f"k={run.top_k}"}.get(run.mode, "")
-            epochs = "?" if run.num_epochs is None else run.num_epochs
-            setting = f"lr {_fmt(run.learning_rate, 'g')}, {epochs} epochs"
-            line = points[task].setdefault((source, run.mode), [])
-            scores = tuple(seeds.get(_setting(run), [100 * run.score]))
-            line.append(TradeoffPoint(run.trainable_params, 100 * run.score, label, scores, setting))
-    return {task: {method: sorted(line) for method, line in lines.items()} for task, lines in sorted(points.items())}
-
-
-def render_tradeoff(points: Mapping[str, Mapping[Method, Sequence[TradeoffPoint]]]) -> str:
-    """The trade-off's points as a Markdown table: the best run, and mean, spread and range over its setting's seeds."""
-    body = []
-    for task, lines in points.items():
-        for (source, mode), line in sorted(lines.items(), key=lambda item: _line_order(*item[0])):
-            for point in line:
-                scores = point.seed_scores
-                spread = f" ± {statistics.stdev(scores):.1f}" if len(scores) > 1 else ""
-                body.append([
-                    task, TRADEOFF_METHODS[mode] + ("" if source == OUR_SOURCE else f" [{source}]"), point.label or "-",
-                    f"{point.trainable_params:,}", point.setting, f"{point.score:.1f}", str(len(scores)),
-                    f"{statistics.fmean(scores):.1f}{spread}", f"{min(scores):.1f}-{max(scores):.1f}",
-                ])
-    header = ["task", "method", "point", "trained params", "best setting", "best run", "seeds", "mean ± sd",
-              "range"]
-    return (
-        "# Trade-off: trained parameters against dev score\n\n"
-        + _markdown(header, body)
-        + "\n\nbest run: the best dev score over learning rate, epochs and seeds (the paper's selection, plotted as "
-        "the line). seeds, mean ± sd, range: every seed of that best run's learning rate and epochs (sd: sample "
-        "standard deviation), drawn as the bar and the dash at each point.\n"
-    )
-
-
-def has_tradeoff(points: Mapping[str, Mapping[Method, Sequence[TradeoffPoint]]]) -> bool:
-    """Whether the runs include the baselines the trade-off plot is for (top-k or LayerNorm-only)."""
-    return any(mode in ("top_k", "layernorm") for lines in points.values() for _, mode in lines)
-
-
-def _line_order(source: str, mode: str) -> tuple:
-    return source != OUR_SOURCE, source, list(TRADEOFF_METHODS).index(mode)
-
-
-def plot_tradeoff(best: BestRuns, path: epath.PathLike, runs: Sequence[RunResult] = ()) -> matplotlib.figure.Figure:
-    """The paper's Figures 3-4 kind, one panel per task: best dev score against trained parameters (log x),
-    one line per method (adapter sizes, top-k depths, LayerNorm only, full fine-tuning), other sources dashed.
-    Where `runs` hold several seeds of a point's best setting, a bar spans their range and a dash marks their mean.
-
-    Writes `path` and returns the figure (closed) so that its lines' data can be read back.
-    """
-    points = tradeoff_points(best, runs)
-    if not points:
-        raise DataError("no adapters, top_k, layernorm or full runs with trainable_params to plot")
-    ncols = min(3, len(points))
-    nrows = math.ceil(len(points) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(max(6.0, 4.5 * ncols), 4.5 * nrows + 0.5), squeeze=False)
-    modes = list(TRADEOFF_METHODS)
-    for ax, (task, lines) in zip(axes.flat, points.items()):
-        for (source, mode), line in sorted(lines.items(), key=lambda item: _line_order(*item[0])):
-            xs, ys = [point.trainable_params for point in line], [point.score for point in line]
-            ours = source == OUR_SOURCE
-            ax.plot(xs, ys, marker="o" if ours else "s", color=f"C{modes.index(mode)}", linestyle="-" if ours else "--",
-                    label=TRADEOFF_METHODS[mode] + ("" if ours else f" [{source}]"))
-            for point in line:
-                ax.annotate(point.label, (point.trainable_params, point.score), fontsize=6, xytext=(3, 3),
-                            textcoords="offset points")
-            seeded = [point for point in line if len(point.seed_scores) > 1]
-            if seeded:
-                xs = [point.trainable_params for point in seeded]
-                color = f"C{modes.index(mode)}"
-                ax.vlines(xs, [min(p.seed_scores) for p in seeded], [max(p.seed_scores) for p in seeded],
-                          color=color, alpha=0.4, linewidth=3)
-                ax.scatter(xs, [statistics.fmean(p.seed_scores) for p in seeded], marker="_", color=color, s=60)
-        ax.set_xscale("log")
-        ax.set_xlabel("trained parameters per task")
-        metric = tasks.TASKS[task].main_metric if task in tasks.TASKS else "score"
-        ax.set_ylabel(f"best dev {metric} (%)")
-        ax.set_title(task, fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in axes.flat[len(points):]:
-        ax.set_visible(False)
-    caption = (
-        f"{TRADEOFF_CLAIM}\nEach point: the best dev run over learning rate, epochs and seeds at that size or k; "
-        f"bar and dash, where drawn: the range and the mean of that run's setting over its seeds."
-    )
-    fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7, wrap=True)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    save_figure(fig, path)
-    return fig
-
-
 def copy_submission(best: BestRuns, method: Method, out_dir: epath.PathLike) -> list[epath.Path]:
     """Copies the GLUE prediction files (*.tsv) of `method`'s best run per task into `out_dir`; returns them.
 
@@ -467,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _report(parser, args)
     except DataError as e:  # a results or predictions file at fault: its name, not a traceback
         parser.exit(2, f"error: {e}\n")
+    except OSError as e:  # an output folder that cannot be written (read-only, a file of that name)
+        parser.exit(2, f"error: cannot write {e.filename or args.out_dir}: {e.strerror or e}\n")
 
 
 def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -491,4 +330,5 @@ def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
               f"no predictions for: {missing or 'none'}")
 
 if __name__ == "__main__":
-    main()
+    with cli.uncaught_errors():
+        main()

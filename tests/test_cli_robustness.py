@@ -1,4 +1,4 @@
-"""Issue 13's table, row by row: what a hostile but realistic user does, through the real entry points.
+"""Issues 13's and 22's tables, row by row: what a hostile but realistic user does, through the real entry points.
 
 Each test runs `python -m adapter_jax.main` or `scripts.sweep` / `scripts.report` in a subprocess on the tiny
 model and toy RTE data; faults (a full disk, a kill at the worst moment) are injected into that process.
@@ -31,8 +31,10 @@ RUN = {
 # Wraps an entry point (argv[1]: a module) with faults chosen by environment variables:
 # SLOW_STEPS (seconds per training batch), KILL_ON_TRUNCATE (SIGKILL right after metrics.jsonl is opened
 # for rewriting), FSIZE_LIMIT (bytes: larger files cannot be written, as on a full disk),
-# INTERRUPT_AFTER_SUBMISSION (Ctrl-C right after a submission file is written); WRITES_LOG (not a fault: the
-# file where each path the process opens for writing, or renames into place, is recorded).
+# INTERRUPT_AFTER_SUBMISSION (Ctrl-C right after a submission file is written), FAIL_AT (module:function, which
+# raises RuntimeError("injected failure"): an error no handler expects), EVAL_ROW_LIMIT (a batch of more rows
+# fails, as it would under a memory cap); WRITES_LOG (not a fault: the file where each path the process opens for
+# writing, or renames into place, is recorded).
 FAULTY = r"""
 import builtins, os, resource, runpy, signal, sys, time
 if os.environ.get("WRITES_LOG"):
@@ -66,6 +68,20 @@ if os.environ.get("INTERRUPT_AFTER_SUBMISSION"):
         write(*args, **kwargs)
         raise KeyboardInterrupt
     submission.write_submission = interrupted
+if os.environ.get("FAIL_AT"):
+    import importlib
+    module_name, _, function = os.environ["FAIL_AT"].partition(":")
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected failure")
+    setattr(importlib.import_module(module_name), function, fail)
+if os.environ.get("EVAL_ROW_LIMIT"):
+    from adapter_jax import input_pipeline
+    make_batch, row_limit = input_pipeline._make_batch, int(os.environ["EVAL_ROW_LIMIT"])
+    def limited(dataset, rows, *args):
+        if len(rows) > row_limit:
+            raise MemoryError(f"a batch of {len(rows)} rows")
+        return make_batch(dataset, rows, *args)
+    input_pipeline._make_batch = limited
 module = sys.argv.pop(1)
 runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
@@ -364,3 +380,200 @@ def test_on_a_bucket_the_history_is_chunks_cut_back_on_resume(tmp_path, monkeypa
     assert [(r["step"], r["train/loss"]) for r in history.read_history(tmp_path)] == [
         (1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0)]
     assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["000000.jsonl", "000001.jsonl", "000002.jsonl"]
+
+
+# --- Issue 22 ----------------------------------------------------------------------------------------------------
+
+
+def _faulty(module, *args) -> list[str]:
+    return [sys.executable, "-c", FAULTY, module, *map(str, args)]
+
+
+def _error_line(result) -> str:
+    """The process's last console line, its one `error:` line, without a traceback: asserted so."""
+    lines = _console(result.stderr)
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:] and "Traceback" not in result.stderr, result.stderr
+    return lines[-1]
+
+
+# --- An exception no handler expects, in every entry point ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("module, fail_at, args", [
+    ("adapter_jax.main", "adapter_jax.train:train_and_evaluate", "workdir"),
+    ("scripts.sweep", "adapter_jax.train:train_and_evaluate", "workdir"),
+    ("adapter_jax.serve", "adapter_jax.export:read", "serve"),
+    ("scripts.ablate", "adapter_jax.export:load", "ablate"),
+    ("scripts.report", "adapter_jax.selection:best_runs", "report"),
+])
+def test_an_unexpected_error_is_one_line_naming_the_file_with_its_traceback(
+    tiny_model_dir, tiny_glue_dir, tmp_path, module, fail_at, args
+):
+    if args == "workdir":
+        grid = ["--learning_rates=0.01", "--epochs=1", "--adapter_sizes=8", "--seeds=0"] if "sweep" in module else []
+        command = _command(module, tmp_path / "run", tiny_model_dir, tiny_glue_dir, *grid)
+    elif args == "serve":
+        command = _faulty(module, f"--adapters=rte={tmp_path}", f"--input={tmp_path / 'in'}", f"--output={tmp_path / 'out'}")
+    elif args == "ablate":
+        command = _faulty(module, f"--workdir={tmp_path}", f"--config.model={tiny_model_dir}")
+    else:
+        (tmp_path / "results.jsonl").write_text(json.dumps({"task": "rte", "mode": "full", "score": 0.5}) + "\n")
+        command = _faulty(module, f"--results={tmp_path / 'results.jsonl'}", f"--out_dir={tmp_path / 'report'}")
+    result = _run(command, FAIL_AT=fail_at)
+    assert result.returncode == 1, result.stderr
+    match = re.fullmatch(r"error: RuntimeError: injected failure \(traceback in (.+)\)", _error_line(result))
+    assert match, result.stderr
+    traceback = pathlib.Path(match[1]).read_text()
+    assert "Traceback (most recent call last)" in traceback and "RuntimeError: injected failure" in traceback
+    if args == "workdir":  # the run's own log file
+        assert pathlib.Path(match[1]).parent == tmp_path / "run" / "logs"
+
+
+# --- `--workdir` a file --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", ["adapter_jax.main", "scripts.sweep"])
+def test_a_workdir_that_is_a_file_is_one_usage_error(tiny_model_dir, tiny_glue_dir, tmp_path, module):
+    (tmp_path / "file").write_text("not a folder")
+    result = _run(_command(module, tmp_path / "file", tiny_model_dir, tiny_glue_dir))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(
+        f"error: --workdir: cannot write the log file {tmp_path / 'file' / 'logs'}/"), result.stderr
+    assert result.stderr.splitlines()[0].endswith(": Not a directory")
+
+
+# --- `--config.max_seq_length=1` -----------------------------------------------------------------------------------
+
+
+def test_a_max_seq_length_too_short_for_cls_text_sep_is_refused(tiny_model_dir, tiny_glue_dir, tmp_path):
+    result = _run(_command("adapter_jax.main", tmp_path, tiny_model_dir, tiny_glue_dir, "--config.max_seq_length=1"))
+    assert result.returncode == 2, result.stderr
+    assert "max_seq_length: 1 is too short for rte's [CLS] a [SEP] b [SEP]: at least 5" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "metrics.jsonl").exists()
+
+
+# --- `eval_batch_size=16384` on a small dev set; an export whose metadata has `"max_seq_length": "128"` -----------
+
+
+def test_an_eval_batch_far_beyond_the_data_is_cut_to_fit(finished_run, tiny_model_dir, tiny_glue_dir, tmp_path):
+    """24 dev and 20 test examples on 2 devices: each shard's 12 rows padded to 16, never to 16384 / 2."""
+    workdir = shutil.copytree(finished_run[0], tmp_path / "run")
+    command = _command("adapter_jax.main", workdir, tiny_model_dir, tiny_glue_dir, "--mode=predict",
+                       "--config.eval_batch_size=16384")
+    result = _run(command, EVAL_ROW_LIMIT=32)
+    assert result.returncode == 0, result.stderr
+    assert len((workdir / "submission" / "RTE.tsv").read_text().splitlines()) == 1 + 20
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert json.loads(result.stdout)["dev_metrics"]["dev"] == summary["all_dev_metrics"]["dev"]
+
+
+def test_export_settings_of_the_wrong_type_are_one_line_naming_key_and_file(finished_run, tiny_model_dir,
+                                                                            tiny_glue_dir, tmp_path):
+    from adapter_jax import export
+
+    workdir = shutil.copytree(finished_run[0], tmp_path / "run")
+    params, settings = export.read_raw(workdir / "export")
+    export.write(workdir / "export", params, {**settings, "max_seq_length": "128"})
+    result = _run(_command("adapter_jax.main", workdir, tiny_model_dir, tiny_glue_dir, "--mode=predict"))
+    assert result.returncode == 2, result.stderr
+    assert _error_line(result) == (
+        f"error: adapter export {workdir / 'export' / 'adapters.safetensors'} has settings of the wrong type in its "
+        f"'adapter_jax' metadata: max_seq_length: '128' is not allowed (must be a positive integer)")
+
+
+# --- One corrupted line in the middle of metrics.jsonl, then resume ------------------------------------------------
+
+
+def test_a_damaged_history_line_is_set_aside_and_named_not_the_place_to_cut(finished_run, tiny_model_dir,
+                                                                             tiny_glue_dir, tmp_path):
+    workdir = shutil.copytree(finished_run[0], tmp_path / "run")
+    (workdir / "summary.json").unlink()
+    shutil.rmtree(workdir / "checkpoints" / "4")  # resumes at step 2
+    lines = (workdir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[0] = '{"step": 1, "train/loss": 0.\x00\n'
+    (workdir / "metrics.jsonl").write_text("".join(lines))
+    rerun = _run(_command("adapter_jax.main", workdir, tiny_model_dir, tiny_glue_dir))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "at step 2." in rerun.stderr
+    history_file = workdir / "metrics.jsonl"
+    assert re.search(rf"{re.escape(str(history_file))}: damaged line\(s\) 1 \(not whole JSON records\) set aside in "
+                     rf"{re.escape(str(workdir / 'metrics.damaged.txt'))}", rerun.stderr), rerun.stderr
+    assert [r["step"] for r in history.read_history(workdir) if "train/loss" in r] == [2, 3, 4]
+    assert lines[0] in (workdir / "metrics.damaged.txt").read_text()
+
+
+# --- A sweep rerun with another grid; one run folder whose config conflicts -----------------------------------------
+
+
+def test_a_sweep_keeps_every_finished_run_and_goes_on_past_a_run_that_cannot_start(tiny_model_dir, tiny_glue_dir,
+                                                                                   tmp_path):
+    folder = tmp_path / "sweep"
+
+    def sweep(*learning_rates):
+        grid = [f"--learning_rates={','.join(learning_rates)}", "--epochs=1", "--adapter_sizes=8", "--seeds=0",
+                "--predict_test=none"]
+        return _run(_command("scripts.sweep", folder, tiny_model_dir, tiny_glue_dir, *grid))
+
+    first = sweep("0.01")
+    assert first.returncode == 0, first.stderr
+    # A folder of the next grid holds the history of another config (the first run's learning rate).
+    conflicting = folder / "adapters-m8-lr0.02-ep1-seed0"
+    conflicting.mkdir()
+    shutil.copy(folder / "adapters-m8-lr0.01-ep1-seed0" / "config.json", conflicting / "config.json")
+    second = sweep("0.02", "0.03")
+    assert second.returncode == 0, second.stderr
+    assert re.search(rf"Run {conflicting} could not start, going on with the next: invalid config", second.stderr)
+    results = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    assert [r["learning_rate"] for r in results] == [0.01, 0.03]
+    (failure,) = [json.loads(line) for line in (folder / "failures.jsonl").read_text().splitlines()]
+    assert failure["workdir"] == str(conflicting) and "holds a run with another config" in failure["error"]
+    assert not (conflicting / "failure.json").exists()  # a rerun tries it again once the folder is fixed
+    best = json.loads((folder / "best.json").read_text())["adapters"]
+    assert best["score"] == max(r["score"] for r in results)
+
+
+# --- scripts.report on malformed inputs; scripts.ablate without an export, or --replot of the wrong shape -----------
+
+
+GOOD_RESULT = json.dumps({"task": "rte", "mode": "full", "score": 0.5})
+
+
+@pytest.mark.parametrize("line, message", [
+    ("5", "not a JSON object of a run's result: 5"),
+    ("null", "not a JSON object of a run's result: null"),
+    ('{"task": "rte", "mode": "adapters", "score": 0.5}', "an adapters run without its adapter_size"),
+    ('{"task": 5, "mode": "full", "score": 0.5}', "task must be a string, got 5"),
+    (b"\xff", "not UTF-8 text (invalid start byte at byte 0)"),
+])
+def test_report_names_the_file_and_line_of_a_malformed_result(tmp_path, line, message):
+    results = tmp_path / "results.jsonl"
+    results.write_bytes(GOOD_RESULT.encode() + b"\n" + (line if isinstance(line, bytes) else line.encode()) + b"\n")
+    result = _run(_faulty("scripts.report", f"--results={results}", f"--out_dir={tmp_path / 'out'}"))
+    assert result.returncode == 2, result.stderr
+    assert _error_line(result) == f"error: {results}:2: {message}"
+
+
+def test_report_and_ablate_name_what_they_cannot_use(tmp_path):
+    results = tmp_path / "results.jsonl"
+    results.write_text(GOOD_RESULT + "\n")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    report = _run(_faulty("scripts.report", f"--results={results}", f"--out_dir={blocked}"))
+    assert report.returncode == 2, report.stderr
+    assert _error_line(report) == f"error: cannot write {blocked}: File exists"
+
+    no_export = _run(_faulty("scripts.ablate", f"--workdir={tmp_path}"))
+    assert no_export.returncode == 2, no_export.stderr
+    assert _error_line(no_export) == f"error: adapter export not found: {tmp_path / 'export'}"
+    for content, message in [("[1, 2]", ("not an ablation results file: it lacks ['task', 'split', 'metric', "
+                                        "'num_layers', 'unablated', 'majority', 'spans']")),
+                             (json.dumps({"task": "rte", "split": "dev", "metric": "accuracy", "num_layers": 2,
+                                          "unablated": 0.6, "majority": 0.5,
+                                          "spans": [{"first": 0, "last": 2, "score": 0.5}]}),
+                              "spans[0] is not a span of layers 0..1 with a score")]:
+        (tmp_path / "ablation.json").write_text(content)
+        replot = _run(_faulty("scripts.ablate", f"--replot={tmp_path / 'ablation.json'}"))
+        assert replot.returncode == 2, replot.stderr
+        assert _error_line(replot) == f"error: {tmp_path / 'ablation.json'}: {message}"

@@ -12,7 +12,7 @@ import pytest
 from adapter_jax import paper
 from adapter_jax.errors import DataError
 from adapter_jax.results import RunResult
-from scripts import report
+from scripts import report, tradeoff
 
 
 def _run(task: str, mode: str, score: float, **overrides) -> RunResult:
@@ -149,7 +149,7 @@ def test_main_writes_report_plot_and_submission(tmp_path, runs):
     report.main([f"--results={results}", f"--out_dir={out}", f"--submission_dir={tmp_path / 'submission'}"])
     assert "## Every run" in (out / "report.md").read_text(encoding="utf-8")
     assert (out / "params_vs_score.png").read_bytes().startswith(b"\x89PNG")
-    assert not (out / report.TRADEOFF_FILE).exists()  # no top_k or LayerNorm-only runs to trade off against
+    assert not (out / tradeoff.TRADEOFF_FILE).exists()  # no top_k or LayerNorm-only runs to trade off against
     assert (tmp_path / "submission" / "RTE.tsv").read_text(encoding="utf-8").startswith("index\tprediction")
 
 
@@ -173,7 +173,7 @@ def _tradeoff_runs() -> list[RunResult]:
 
 
 def test_tradeoff_plot_puts_each_methods_best_points_in_place(tmp_path):
-    figure = report.plot_tradeoff(report.best_runs(_tradeoff_runs()), tmp_path / "tradeoff.png")
+    figure = tradeoff.plot_tradeoff(report.best_runs(_tradeoff_runs()), tmp_path / "tradeoff.png")
     assert (tmp_path / "tradeoff.png").read_bytes().startswith(b"\x89PNG")
     panels = [ax for ax in figure.axes if ax.get_visible()]
     assert [ax.get_title() for ax in panels] == ["cola", "rte"]
@@ -198,7 +198,7 @@ def test_tradeoff_plot_puts_each_methods_best_points_in_place(tmp_path):
     assert rte.get_xscale() == "log" and rte.get_ylabel() == "best dev accuracy (%)"
     assert panels[0].get_ylabel() == "best dev matthews_corr (%)"
     assert {text.get_text() for text in rte.texts} == {"m=2", "m=8", "m=64", "k=1", "k=2", ""}
-    assert report.TRADEOFF_CLAIM in " ".join(text.get_text() for text in figure.texts)
+    assert tradeoff.TRADEOFF_CLAIM in " ".join(text.get_text() for text in figure.texts)
 
 
 def test_tradeoff_shows_the_seeds_of_each_points_best_setting(tmp_path):
@@ -212,7 +212,7 @@ def test_tradeoff_shows_the_seeds_of_each_points_best_setting(tmp_path):
         _run("sst2", "top_k", 0.70, top_k=1, trainable_params=2_000_000),  # one seed: no bar
     ]
     best = report.best_runs(runs)
-    figure = report.plot_tradeoff(best, tmp_path / "tradeoff.png", runs)
+    figure = tradeoff.plot_tradeoff(best, tmp_path / "tradeoff.png", runs)
     ax = figure.axes[0]
     (bars,) = [c for c in ax.collections if isinstance(c, matplotlib.collections.LineCollection)]
     np.testing.assert_allclose(bars.get_segments(), [[(60_000, 80.0), (60_000, 84.0)]])
@@ -221,7 +221,7 @@ def test_tradeoff_shows_the_seeds_of_each_points_best_setting(tmp_path):
     lines = {line.get_label(): line.get_xydata().tolist() for line in ax.get_lines()}
     assert lines["adapters (size m)"] == [[60_000, 84.0]]  # the line stays at the paper's best-of-seeds
 
-    table = report.render_tradeoff(report.tradeoff_points(best, runs))
+    table = tradeoff.render_tradeoff(tradeoff.tradeoff_points(best, runs))
     adapters_row = next(row for row in table.splitlines() if "| m=8 |" in row)
     cells = [cell.strip() for cell in adapters_row.strip("|").split("|")]
     assert cells[3:] == ["60,000", "lr 0.0003, 3 epochs", "84.0", "3", "82.0 ± 2.0", "80.0-84.0"]
@@ -232,12 +232,12 @@ def test_tradeoff_shows_the_seeds_of_each_points_best_setting(tmp_path):
 def test_main_draws_the_tradeoff_when_there_are_baselines(tmp_path):
     results = _write_jsonl(tmp_path / "results.jsonl", _tradeoff_runs())
     report.main([f"--results={results}", f"--out_dir={tmp_path / 'out'}"])
-    assert (tmp_path / "out" / report.TRADEOFF_FILE).read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "out" / tradeoff.TRADEOFF_FILE).read_bytes().startswith(b"\x89PNG")
 
 
 def test_the_committed_tradeoff_table_regenerates_from_the_committed_results():
     """docs/results/tradeoff/ is made by scripts.report from its committed results file alone (analyses.sh --report)."""
     results = pathlib.Path(__file__).resolve().parents[1] / "docs" / "results" / "tradeoff" / "sst2_results.jsonl"
     runs = report.load_results([results])
-    table = report.render_tradeoff(report.tradeoff_points(report.best_runs(runs), runs))
-    assert table == (results.parent / report.TRADEOFF_TABLE_FILE).read_text(encoding="utf-8")
+    table = tradeoff.render_tradeoff(tradeoff.tradeoff_points(report.best_runs(runs), runs))
+    assert table == (results.parent / tradeoff.TRADEOFF_TABLE_FILE).read_text(encoding="utf-8")

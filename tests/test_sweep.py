@@ -1,6 +1,7 @@
 """The sweep: finishes a tiny grid, skips finished runs, resumes an interrupted one, picks the best."""
 
 import json
+import pathlib
 import shutil
 
 import pytest
@@ -80,7 +81,7 @@ def test_sweep_writes_test_predictions_the_report_gathers(tiny_config, tmp_path)
 
     tiny_config.num_epochs = 1
     runs = list(sweep.grid(["adapters"], [1e-2], [1], [8], [0]))
-    (result,) = sweep.sweep(tiny_config, tmp_path / "sweep", runs, predict_test=True)
+    (result,) = sweep.sweep(tiny_config, tmp_path / "sweep", runs, predict_test="selected")
     best = report.best_runs([RunResult.from_dict(result)])
     copied = report.copy_submission(best, next(iter(best)), tmp_path / "submission")
     assert [path.name for path in copied] == ["RTE.tsv"]
@@ -118,3 +119,49 @@ def test_every_process_skips_the_runs_process_0_finished(tmp_path, monkeypatch):
     other = as_process(1, lambda value: sent.pop(0))
     assert sent == [] and [r["score"] for r in other] == [r["score"] for r in primary] == [0.75]
     assert (tmp_path / "host0" / "results.jsonl").exists() and not (tmp_path / "host1" / "results.jsonl").exists()
+
+
+def test_the_sweep_predicts_the_runs_the_report_selects_after_the_grid(tmp_path, monkeypatch):
+    """Fake training (a score per learning rate) and prediction: only the best run per task and method predicts,
+    once every run has trained; a rerun with another grid selects among every run the folder has finished."""
+    import ml_collections
+
+    scores = {1e-3: 0.6, 1e-2: 0.7, 3e-2: 0.8, 1e-4: 0.5}
+    events = []
+
+    def train_fn(config, workdir):
+        events.append(("train", workdir.name))
+        summary = {"task": "rte", "mode": config.mode, "adapter_size": config.get("adapter_size", 0),
+                   "learning_rate": config.learning_rate, "score": scores[config.learning_rate] - config.seed / 10}
+        (workdir / "summary.json").parent.mkdir(parents=True, exist_ok=True)
+        (workdir / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    def predict(config, workdir):
+        events.append(("predict", workdir.name))
+        (workdir / "submission").mkdir()
+        (workdir / "submission" / "complete.json").write_text('{"files": []}')
+
+    monkeypatch.setattr(sweep.predict, "predict", predict)
+    base = ml_collections.ConfigDict({"mode": "adapters", "learning_rate": 0.0, "num_epochs": 1, "seed": 0,
+                                      "top_k": 0, "adapter_size": 8})
+    first = list(sweep.grid(["adapters", "full"], [1e-3, 1e-2], [1], [8], [0, 1]))
+    sweep.sweep(base, tmp_path, first, train_fn, predict_test="selected")
+    assert [kind for kind, _ in events] == ["train"] * 8 + ["predict"] * 2
+    assert sorted(name for kind, name in events if kind == "predict") == [
+        "adapters-m8-lr0.01-ep1-seed0", "full-lr0.01-ep1-seed0"]
+
+    events.clear()
+    second = list(sweep.grid(["adapters"], [3e-2, 1e-4], [1], [8], [0]))
+    results = sweep.sweep(base, tmp_path, second, train_fn, predict_test="selected")
+    assert events == [("train", "adapters-m8-lr0.03-ep1-seed0"), ("train", "adapters-m8-lr0.0001-ep1-seed0"),
+                      ("predict", "adapters-m8-lr0.03-ep1-seed0")]
+    assert [r["learning_rate"] for r in results] == [3e-2, 1e-4]
+    recorded = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(recorded) == 10  # every run of both grids
+    predicted = {pathlib.Path(r["workdir"]).name for r in recorded if "test_predictions_dir" in r}
+    assert predicted == {"adapters-m8-lr0.01-ep1-seed0", "full-lr0.01-ep1-seed0", "adapters-m8-lr0.03-ep1-seed0"}
+
+    events.clear()
+    sweep.sweep(base, tmp_path, second, train_fn, predict_test="all")
+    assert len(events) == 10 - 3 and {kind for kind, _ in events} == {"predict"}

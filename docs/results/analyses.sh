@@ -23,7 +23,7 @@ mode=${1:-}
 sweep() {  # name, sweep flags...
   local name=$1; shift
   python3 -m scripts.sweep "$@" --workdir="$WORKDIR/$name" --epochs=3 --learning_rates=3e-5,3e-4,3e-3 \
-      --seeds=0,1,2 --predict_test=False --config.train_pooler=True > "$WORKDIR/$name.out" 2>&1 &
+      --seeds=0,1,2 --predict_test=none --config.train_pooler=True > "$WORKDIR/$name.out" 2>&1 &
   [ "$mode" = --parallel ] || wait
 }
 
