@@ -6,12 +6,17 @@ gcloud failures, Ctrl-C, a spot preemption."""
 import json
 import os
 import pathlib
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from etils import epath
 
+from adapter_jax.history import read_history
 from tests.conftest import GCS_BUCKET
 from tests.fake_gcloud import gcloud as fake_gcloud
 from tests.test_cli_robustness import RUN, _command, _run
@@ -93,13 +98,6 @@ def local_scores(tiny_model_dir, tiny_glue_dir, tmp_path_factory) -> dict[str, f
     return _scores(epath.Path(workdir) / "results.jsonl")
 
 
-@pytest.fixture(scope="module")
-def glue_in_bucket(cloud_env, tiny_glue_dir) -> str:
-    prefix = "tpu-cloud-glue"
-    _upload(tiny_glue_dir, epath.Path(f"gs://{GCS_BUCKET}/{prefix}"))
-    return prefix
-
-
 @pytest.fixture
 def cloud(tmp_path, cloud_env, tiny_glue_dir) -> Cloud:
     made = Cloud(tmp_path, cloud_env, tmp_path.name)
@@ -145,3 +143,78 @@ def test_transient_gcloud_failures_while_polling_delete_nothing(clean_launch):
     assert len(deletes) == 1 and deletes[0] > report  # the VM went once, after the report
     assert output.count("the run's state is unknown, not failed") == 3
     assert fake_gcloud.vm(cloud.state, "clean") is None
+
+
+def _run_logs(cloud: Cloud, name: str, generation: int, worker: int) -> str:
+    """Every log file the run's processes wrote on that worker (a bucket workdir logs to the VM's own /tmp)."""
+    home = fake_gcloud.worker_home(cloud.state, name, {"generation": generation}, worker)
+    return "".join(p.read_text() for p in sorted((home / "tmp" / "adapter-jax-logs").glob("*.log")))
+
+
+def test_a_pod_run_joins_its_hosts_and_needs_no_agent_from_the_user(cloud, tiny_model_dir, local_scores):
+    """A v4-16 (2 workers, 1 device each: 2 in all, as the local sweep has) launched with no ssh-agent and no
+    gcloud key: the launcher makes the key and a private agent, so gcloud's ssh to both workers does not stall."""
+    output = cloud.launch(cloud.flags("pod", tiny_model_dir, "--accelerator_type=v4-16"), cloud.folder / "launch.log",
+                          FAKE_TPU_CHIPS_PER_WORKER="1")
+    assert "in a private ssh-agent" in output
+    assert (cloud.home / ".ssh" / "google_compute_engine").exists()
+    assert _scores(epath.Path(f"{cloud.bucket}/adapter-jax/pod/rte/results.jsonl")) == pytest.approx(
+        local_scores, abs=1e-5)
+    for worker in (0, 1):  # the workers' processes joined as processes 0 and 1 of one run (apart, both are 0)
+        assert f"[process={worker}]" in _run_logs(cloud, "pod", 1, worker)
+    assert fake_gcloud.vm(cloud.state, "pod") is None
+
+
+def test_ctrl_c_while_polling_leaves_the_vm_and_attach_completes_the_run(cloud, tiny_model_dir, local_scores):
+    flags = cloud.flags("detach", tiny_model_dir)
+    log = cloud.folder / "launch.log"
+    launcher = cloud.launcher(flags, log)
+    try:
+        deadline = time.time() + TIMEOUT_S
+        while not any("adapter-jax-run:" in call for call in cloud.calls()):  # a poll has answered
+            assert launcher.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(timeout=60) == 130, log.read_text()
+    finally:
+        launcher.kill()
+    output = log.read_text()
+    assert fake_gcloud.vm(cloud.state, "detach")["state"] == "READY"
+    assert not any(" delete " in call for call in cloud.calls())
+    attach = shlex.split(next(line for line in output.splitlines() if line.endswith("--attach")))
+    assert attach[1:3] == ["-m", "scripts.tpu.launch"] and attach[3:-1] == flags
+    cloud.launch(attach[3:], cloud.folder / "attach.log")
+    assert _scores(epath.Path(f"{cloud.bucket}/adapter-jax/detach/rte/results.jsonl")) == pytest.approx(
+        local_scores, abs=1e-5)
+    assert fake_gcloud.vm(cloud.state, "detach") is None
+    assert sum("tpu-vm create" in call for call in cloud.calls()) == 1
+
+
+@pytest.mark.skipif("lock_lease_seconds" not in (REPO_ROOT / "configs" / "glue.py").read_text(),
+                    reason="a lock of another host is taken over only once locks are leases (config "
+                           "lock_lease_seconds, issue 24's run side)")
+def test_a_preempted_spot_run_is_recreated_and_resumes_from_the_bucket(cloud, tiny_model_dir, local_scores):
+    lease = "--lock_lease_seconds=3 --config.lock_lease_seconds=3"
+    flags = [("--sweep_flags=" + f.removeprefix("--sweep_flags=") + f" {lease}") if f.startswith("--sweep_flags=")
+             else f for f in cloud.flags("spot", tiny_model_dir, "--spot", "--max_recoveries=1")]
+    log = cloud.folder / "launch.log"
+    launcher = cloud.launcher(flags, log, FAKE_TPU_STEP_SECONDS="1.5")
+    run = epath.Path(f"{cloud.bucket}/adapter-jax/spot/rte/adapters-m8-lr0.01-ep1-seed0")
+    try:
+        deadline = time.time() + TIMEOUT_S
+        while not (run / "checkpoints" / "2").exists():  # the middle of the run: steps 3 and 4 are to come
+            assert launcher.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.2)
+        fake_gcloud.preempt(cloud.state, "spot")
+        assert launcher.wait(timeout=TIMEOUT_S) == 0, log.read_text()
+    finally:
+        launcher.kill()
+    output = log.read_text()
+    assert "was preempted (SUSPENDED): deleting and recreating it" in output
+    assert sum("queued-resources create" in call for call in cloud.calls()) == 2
+    assert _scores(epath.Path(f"{cloud.bucket}/adapter-jax/spot/rte/results.jsonl")) == pytest.approx(
+        local_scores, abs=1e-5)
+    steps = [record["step"] for record in read_history(run) if "train/loss" in record]
+    assert steps == [1, 2, 3, 4]  # resumed from step 2's checkpoint: no step logged twice
+    second_vm = _run_logs(cloud, "spot", 2, 0)
+    assert "Resumed from" in second_vm and re.search(r"Taking over .*lock.json .*spot-g1-w0", second_vm)

@@ -9,7 +9,8 @@ STORAGE_EMULATOR_HOST). Every call is recorded in state_dir/calls.jsonl with its
 
 Each worker is a stand-in TPU VM image: `python3` there only makes virtual environments (uv's commands, offline:
 the environment's python is this one), and JAX finds the VM's hosts as on a TPU pod (TPU_WORKER_HOSTNAMES,
-TPU_WORKER_ID), with FAKE_TPU_CHIPS_PER_WORKER CPU devices each (default 2).
+TPU_WORKER_ID), with FAKE_TPU_CHIPS_PER_WORKER CPU devices each (default 2); its TMPDIR is its own; with
+FAKE_TPU_STEP_SECONDS set, every training step takes that long more.
 
 Faults: `fail(state_dir, match, times, code)` makes the next `times` calls whose command line contains `match`
 exit `code` without running (1: an API error; 255: ssh cannot connect); `preempt(state_dir, name)` kills every
@@ -41,7 +42,9 @@ if [ "$1 $2 $3" = "-m uv pip" ]; then exit 0; fi
 exec "%(python)s" "$@"
 '''
 # The environment's python: the tests' own; `jax.devices("tpu")` (the install's check) asks for this VM's devices.
+# FAKE_TPU_STEP_SECONDS slows every training step (slow_steps.py), for a test that must act mid-run.
 VENV_PYTHON = r'''#!/bin/bash
+if [ "$1" = "-m" ] && [ -n "$FAKE_TPU_STEP_SECONDS" ]; then exec "%(python)s" "%(slow_steps)s" "$@"; fi
 if [ "$1" = "-c" ]; then code="${2//jax.devices(\"tpu\")/jax.devices()}"; shift 2; exec "%(python)s" -c "$code" "$@"; fi
 exec "%(python)s" "$@"
 '''
@@ -53,7 +56,9 @@ def install(bin_dir: pathlib.Path, state_dir: pathlib.Path) -> None:
     image = state_dir / "image"
     (image / "bin").mkdir(parents=True, exist_ok=True)
     bin_dir.mkdir(parents=True, exist_ok=True)
-    values = {"python": sys.executable, "image": image, "script": pathlib.Path(__file__).resolve()}
+    here = pathlib.Path(__file__).resolve().parent
+    values = {"python": sys.executable, "image": image, "script": here / "gcloud.py",
+              "slow_steps": here / "slow_steps.py"}
     for path, text in ((image / "bin" / "python3", IMAGE_PYTHON3), (image / "venv-python", VENV_PYTHON),
                        (bin_dir / "gcloud", WRAPPER)):
         path.write_text(text % values)
@@ -177,7 +182,7 @@ def _create(state_dir: pathlib.Path, name: str, args: list[str], queued: bool) -
         record = {"state": "READY", "workers": max(1, count // 8), "generation": generation, "queued": queued,
                   "spot": "--spot" in args, "accelerator_type": _option(args, "accelerator-type")}
         for worker in range(record["workers"]):
-            worker_home(state_dir, name, record, worker).mkdir(parents=True)
+            (worker_home(state_dir, name, record, worker) / "tmp").mkdir(parents=True)
         _save(state_dir, name, record)
     return 0
 
@@ -243,6 +248,7 @@ def _worker_env(state_dir: pathlib.Path, name: str, record: dict, worker: int) -
         **os.environ, "HOME": str(worker_home(state_dir, name, record, worker)),
         "PATH": f"{state_dir / 'image' / 'bin'}:{os.environ['PATH']}",
         "FAKE_GCLOUD_WORKER": f"{state_dir}/{name}-g{record['generation']}",
+        "TMPDIR": str(worker_home(state_dir, name, record, worker) / "tmp"),  # each VM has a /tmp of its own
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={chips}",
         # What a TPU VM's metadata tells JAX: this host's number and every host of the slice (JAX's GKE path).
         "JAX_FORCE_TPU_INIT": "1", "JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "MEGASCALE_NUM_SLICES": "1",
