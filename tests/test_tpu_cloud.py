@@ -198,11 +198,12 @@ def test_a_preempted_spot_run_is_recreated_and_resumes_from_the_bucket(cloud, ti
     flags = [("--sweep_flags=" + f.removeprefix("--sweep_flags=") + f" {lease}") if f.startswith("--sweep_flags=")
              else f for f in cloud.flags("spot", tiny_model_dir, "--spot", "--max_recoveries=1")]
     log = cloud.folder / "launch.log"
-    launcher = cloud.launcher(flags, log, FAKE_TPU_STEP_SECONDS="1.5")
+    launcher = cloud.launcher(flags, log, FAKE_TPU_STEP_SECONDS="3")
     run = epath.Path(f"{cloud.bucket}/adapter-jax/spot/rte/adapters-m8-lr0.01-ep1-seed0")
     try:
         deadline = time.time() + TIMEOUT_S
-        while not (run / "checkpoints" / "2").exists():  # the middle of the run: steps 3 and 4 are to come
+        # Step 2's checkpoint complete (on a bucket orbax marks that by commit_success.txt): steps 3 and 4 to come.
+        while not (run / "checkpoints" / "2" / "commit_success.txt").exists():
             assert launcher.poll() is None and time.time() < deadline, log.read_text()
             time.sleep(0.2)
         fake_gcloud.preempt(cloud.state, "spot")

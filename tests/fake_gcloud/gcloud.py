@@ -257,16 +257,23 @@ def _worker_env(state_dir: pathlib.Path, name: str, record: dict, worker: int) -
     }
 
 
-def _ssh(state_dir: pathlib.Path, name: str, args: list[str]) -> int:
+def _reach(state_dir: pathlib.Path, name: str, args: list[str]) -> tuple[dict | None, list[int], int]:
+    """The VM's record and the workers --worker names, as ssh and scp reach them; or an exit status (no record)."""
     record = _ready_vm(state_dir, name)
     if record is None:
-        return 1
+        return None, [], 1
     worker = _option(args, "worker", "0")
-    if (refused := _key_in_agent_or_stall(record, worker)) != 0:
+    refused = _key_in_agent_or_stall(record, worker)
+    return (None, [], refused) if refused else (record, _workers(record, worker), 0)
+
+
+def _ssh(state_dir: pathlib.Path, name: str, args: list[str]) -> int:
+    record, workers, refused = _reach(state_dir, name, args)
+    if record is None:
         return refused
     command = _option(args, "command")
     processes = []
-    for index in _workers(record, worker):
+    for index in workers:
         hostname = f"{name}-g{record['generation']}-w{index}"
         env = _worker_env(state_dir, name, record, index)
         # The worker resolves its own hostname (gloo, JAX's CPU collectives, looks it up), as a VM does.
@@ -283,13 +290,10 @@ def _ssh(state_dir: pathlib.Path, name: str, args: list[str]) -> int:
 def _scp(state_dir: pathlib.Path, args: list[str]) -> int:
     source, target = _positional(args)
     name, destination = target.split(":", 1)
-    record = _ready_vm(state_dir, name)
+    record, workers, refused = _reach(state_dir, name, args)
     if record is None:
-        return 1
-    worker = _option(args, "worker", "0")
-    if (refused := _key_in_agent_or_stall(record, worker)) != 0:
         return refused
-    for index in _workers(record, worker):
+    for index in workers:
         shutil.copytree(source, worker_home(state_dir, name, record, index) / destination, dirs_exist_ok=True)
     return 0
 
