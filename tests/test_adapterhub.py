@@ -170,3 +170,68 @@ def test_full_run_exports_as_a_transformers_folder_with_equal_logits(tiny_config
                        token_type_ids=torch.from_numpy(dataset.token_type_ids).long(),
                        attention_mask=torch.from_numpy(mask).long()).logits.numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def peer_python() -> str:
+    """The reference environment's Python (../shared/bench/peer/setup.sh); missing is a failure under CI."""
+    from adapter_jax import reference
+
+    if not os.access(reference.DEFAULT_PEER_PYTHON, os.X_OK):
+        message = f"no AdapterHub reference environment at {reference.DEFAULT_PEER_PYTHON} (run its setup.sh)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return reference.DEFAULT_PEER_PYTHON
+
+
+@pytest.fixture(scope="module")
+def real_rte_run(tmp_path_factory, glue_dir):
+    """A short real run on RTE with MiniLM (2 steps, pooler trained), shared by this module's AdapterHub tests."""
+    from adapter_jax import train
+    from configs import glue
+
+    config = glue.get_config("rte")
+    config.glue_dir = str(glue_dir)
+    config.train_pooler = True
+    config.num_train_steps = 2
+    config.global_batch_size = 8
+    config.max_train_examples = 16
+    config.learning_rate = 1e-3
+    config.eval_batch_size = 64
+    config.checkpoint_every_steps = 100
+    workdir = tmp_path_factory.mktemp("real-rte") / "run"
+    train.train_and_evaluate(config, workdir)
+    return config, workdir
+
+
+@pytest.mark.slow  # MiniLM on all of RTE dev, here and in AdapterHub
+def test_adapterhub_computes_our_logits_and_we_compute_its(real_rte_run, peer_python, tmp_path, capsys):
+    config, workdir = real_rte_run
+    ours, dataset = _logits(config, workdir)
+    to_adapterhub.main([f"--workdir={workdir}", f"--out={tmp_path / 'hub'}"])
+    assert "26 LayerNorm tensors, the pooler" in capsys.readouterr().err  # what a plain load_adapter loses, said
+    np.savez(tmp_path / "ids.npz", input_ids=dataset.input_ids, token_type_ids=dataset.token_type_ids,
+             lengths=dataset.lengths, labels=dataset.labels)
+    base = export.onto_base(export.read(workdir), config).model_dir
+    subprocess.run([peer_python, str(PEER_SCRIPT), f"--base={base}", f"--ids={tmp_path / 'ids.npz'}",
+                    f"--out={tmp_path}", f"--load={tmp_path / 'hub'}", f"--train={tmp_path / 'trained'}"],
+                   check=True, capture_output=True, text=True)
+    with_side, plain = np.load(tmp_path / "0.side.npy"), np.load(tmp_path / "0.plain.npy")
+    print(f"\nRTE dev ({len(ours)} examples), ours -> AdapterHub: max abs logit difference "
+          f"{np.abs(with_side - ours).max():.2g} with the side file, {np.abs(plain - ours).max():.2g} without "
+          f"({np.mean(plain.argmax(-1) != ours.argmax(-1)):.1%} of predictions changed)", file=sys.stderr)
+    assert len(ours) == 277
+    np.testing.assert_allclose(with_side, ours, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(with_side.argmax(-1), ours.argmax(-1))
+    assert np.abs(plain - ours).max() > 1e-4  # the side file matters: the trained LayerNorms are not in the adapter
+
+    imported = from_adapterhub.main([f"--adapter={tmp_path / 'trained'}", f"--out={tmp_path / 'imported'}"])
+    spec = export.read(imported).spec
+    assert not spec.houlsby_layernorms and spec.train_pooler and spec.adapter.size == 64
+    ours_of_theirs, _ = _logits(config, imported)
+    theirs = np.load(tmp_path / "trained.npy")
+    print(f"AdapterHub-trained adapter -> ours: max abs logit difference {np.abs(ours_of_theirs - theirs).max():.2g}",
+          file=sys.stderr)
+    np.testing.assert_allclose(ours_of_theirs, theirs, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(ours_of_theirs.argmax(-1), theirs.argmax(-1))
