@@ -88,8 +88,12 @@ class RunSpec:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready; num_labels is written for readers of the file, and derived from the task on reading."""
-        return {**dataclasses.asdict(self), "num_labels": self.num_labels}
+        """JSON-ready; num_labels is written for readers of the file, and derived from the task on reading.
+        houlsby_layernorms is written only when False, so that the default run's export is format 1 as before."""
+        settings = {**dataclasses.asdict(self), "num_labels": self.num_labels}
+        if self.houlsby_layernorms:
+            del settings["houlsby_layernorms"]
+        return settings
 
     @property
     def num_labels(self) -> int:
