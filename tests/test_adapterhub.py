@@ -14,6 +14,7 @@ import safetensors.numpy
 from flax import traverse_util
 
 from adapter_jax import adapterhub, export, steps, trainable
+from adapter_jax import bank as bank_lib
 from adapter_jax import experiment as experiment_lib
 from adapter_jax.errors import CheckpointError
 from adapter_jax.evaluation import Evaluator
@@ -123,6 +124,11 @@ def test_frozen_layernorms_train_nothing_of_the_base_and_convert_with_no_side_fi
     assert not (out / adapterhub.SIDE_FILE).exists() and "note:" not in capsys.readouterr().err
     back = from_adapterhub.main([f"--adapter={out}", f"--out={tmp_path / 'back'}"])
     assert export.read(back).spec == exported.spec
+    # The imported export serves from an adapter bank as it predicts alone.
+    ours, dataset = _logits(tiny_config, back)
+    bank = bank_lib.AdapterBank.holding({"rte": export.read(back)}, batch_sizes=(8,), buckets=(32,))
+    (banked,) = bank.logits([("rte", dataset)])
+    np.testing.assert_allclose(banked[:, :2], ours, atol=1e-5, rtol=0)
 
 
 def test_houlsby_layernorms_mask():
@@ -159,7 +165,7 @@ def test_full_run_exports_as_a_transformers_folder_with_equal_logits(tiny_config
     tiny_config.num_train_steps = 2
     train.train_and_evaluate(tiny_config, tmp_path / "run")
     ours, dataset = _logits(tiny_config, tmp_path / "run")
-    with pytest.raises(SystemExit):  # an adapters run has no Hugging Face form
+    with pytest.raises(SystemExit):  # a full run has no adapters for AdapterHub
         to_adapterhub.main([f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'x'}", "--format=adapterhub"])
     to_adapterhub.main([f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'hf'}", "--format=hf"])
     model = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
