@@ -65,7 +65,6 @@ HEAD_CONFIG: Mapping[str, Any] = {
 }
 _HEAD_IRRELEVANT = frozenset({"dropout_prob", "num_labels", "label2id"})
 _POOLER, _CLASSIFIER = "1", "4"
-_SITE_KEYS = {"attention": "attention.output", "output": "output"}
 _ADAPTER_KEY = re.compile(
     r"bert\.encoder\.layer\.(\d+)\.(attention\.output|output)\.adapters\.([^.]+)\.adapter_(down\.0|up)\.(weight|bias)"
 )
@@ -119,6 +118,8 @@ def to_hub(
     """An export's trained parameters (`exported_params`, nested) as an AdapterHub adapter named `name`, its
     head and side file; `base_pooler` (BertModel's params['pooler']) is the head's first layer where the pooler
     did not train."""
+    if not re.fullmatch(r"[^.\s]+", name):
+        raise CheckpointError(f"name: {name!r} cannot name an AdapterHub adapter (no dots or spaces)")
     config = hub_adapter_config(spec, hidden_size, num_layers)
     tensors = weights.to_hf_tensors(traverse_util.flatten_dict(exported_params))
     pooler = weights.to_hf_tensors(traverse_util.flatten_dict({"bert": {"pooler": base_pooler}}))
@@ -163,9 +164,9 @@ def _adapter_spec(config: Mapping[str, Any], hidden_size: int, num_layers: int) 
     """(size, sites, layers) of an AdapterHub bottleneck config, its non-Houlsby fields refused."""
     problems = config_problems(config, HOULSBY_CONFIG, _INFERENCE_IRRELEVANT, ADAPTER_CONFIG_FILE)
     factor = config.get("reduction_factor")
-    if isinstance(factor, bool) or not isinstance(factor, int | float) or factor <= 0:
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or not 0 < factor <= hidden_size:
         problems.append(f"{ADAPTER_CONFIG_FILE}: config.reduction_factor={factor!r} is not computed here "
-                        f"(expected one positive number for every layer)")
+                        f"(expected one number in (0, {hidden_size}] for every layer)")
     leave_out = config.get("leave_out") or []
     if not all(isinstance(layer, int) and 0 <= layer < num_layers for layer in leave_out):
         problems.append(f"{ADAPTER_CONFIG_FILE}: config.leave_out={leave_out!r} names layers the base model "

@@ -4,8 +4,8 @@ Houlsby adapter for a few steps and saves it.
 
     python adapterhub_peer.py --base=DIR --ids=FILE.npz --out=DIR [--load=FOLDER ...] [--train=FOLDER]
 
-FILE.npz holds input_ids, token_type_ids, lengths and labels (ours, padded). Writes <out>/<i>.side.npy and
-<out>/<i>.plain.npy (with and without the side file) for the i-th --load, and <out>/trained.npy for --train.
+FILE.npz holds input_ids, token_type_ids, lengths and labels (ours, padded). Writes <out>/<i>.side.npy (with the
+side file) for the i-th --load, <out>/0.plain.npy (the first without it), and <out>/trained.npy for --train.
 """
 
 import argparse
@@ -28,9 +28,10 @@ def logits(model, data, batch_size=64):
     with torch.no_grad():
         for start in range(0, len(mask), batch_size):
             rows = slice(start, start + batch_size)
-            outputs.append(model(input_ids=torch.from_numpy(data["input_ids"][rows]).long(),
-                                 token_type_ids=torch.from_numpy(data["token_type_ids"][rows]).long(),
-                                 attention_mask=torch.from_numpy(mask[rows]).long()).logits.numpy())
+            columns = slice(0, int(data["lengths"][rows].max()))  # the batch's longest: padding changes nothing
+            outputs.append(model(input_ids=torch.from_numpy(data["input_ids"][rows, columns]).long(),
+                                 token_type_ids=torch.from_numpy(data["token_type_ids"][rows, columns]).long(),
+                                 attention_mask=torch.from_numpy(mask[rows, columns]).long()).logits.numpy())
     return np.concatenate(outputs)
 
 
@@ -79,7 +80,8 @@ def main():
     data = dict(np.load(args.ids))
     for index, folder in enumerate(args.load):
         np.save(args.out / f"{index}.side.npy", logits(load(args.base, folder, True), data))
-        np.save(args.out / f"{index}.plain.npy", logits(load(args.base, folder, False), data))
+        if index == 0:
+            np.save(args.out / f"{index}.plain.npy", logits(load(args.base, folder, False), data))
     if args.train:
         np.save(args.out / "trained.npy", logits(train(args.base, args.train, data), data))
 

@@ -106,6 +106,8 @@ def test_export_refuses_a_size_adapterhub_would_round_differently():
     full = RunSpec.from_dict({**spec.to_dict(), "mode": "full"})
     with pytest.raises(CheckpointError, match="--format=hf"):
         adapterhub.hub_adapter_config(full, hidden_size=32, num_layers=2)
+    with pytest.raises(CheckpointError, match="^name: 'rte.v2' cannot name"):  # AdapterHub's keys split on dots
+        adapterhub.to_hub({}, spec, {}, name="rte.v2", hidden_size=32, num_layers=2, metadata={})
 
 
 def test_frozen_layernorms_train_nothing_of_the_base_and_convert_with_no_side_file(
@@ -218,11 +220,13 @@ def test_adapterhub_computes_our_logits_and_we_compute_its(real_rte_run, peer_py
     ours, dataset = _logits(config, workdir)
     to_adapterhub.main([f"--workdir={workdir}", f"--out={tmp_path / 'hub'}"])
     assert "26 LayerNorm tensors, the pooler" in capsys.readouterr().err  # what a plain load_adapter loses, said
+    to_adapterhub.main([f"--workdir={workdir}", f"--out={tmp_path / 'hub-safetensors'}", "--safetensors"])
     np.savez(tmp_path / "ids.npz", input_ids=dataset.input_ids, token_type_ids=dataset.token_type_ids,
              lengths=dataset.lengths, labels=dataset.labels)
     base = export.onto_base(export.read(workdir), config).model_dir
     subprocess.run([peer_python, str(PEER_SCRIPT), f"--base={base}", f"--ids={tmp_path / 'ids.npz'}",
-                    f"--out={tmp_path}", f"--load={tmp_path / 'hub'}", f"--train={tmp_path / 'trained'}"],
+                    f"--out={tmp_path}", f"--load={tmp_path / 'hub'}", f"--load={tmp_path / 'hub-safetensors'}",
+                    f"--train={tmp_path / 'trained'}"],
                    check=True, capture_output=True, text=True)
     with_side, plain = np.load(tmp_path / "0.side.npy"), np.load(tmp_path / "0.plain.npy")
     print(f"\nRTE dev ({len(ours)} examples), ours -> AdapterHub: max abs logit difference "
@@ -231,6 +235,7 @@ def test_adapterhub_computes_our_logits_and_we_compute_its(real_rte_run, peer_py
     assert len(ours) == 277
     np.testing.assert_allclose(with_side, ours, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(with_side.argmax(-1), ours.argmax(-1))
+    np.testing.assert_array_equal(np.load(tmp_path / "1.side.npy"), with_side)  # the safetensors files load the same
     assert np.abs(plain - ours).max() > 1e-4  # the side file matters: the trained LayerNorms are not in the adapter
 
     imported = from_adapterhub.main([f"--adapter={tmp_path / 'trained'}", f"--out={tmp_path / 'imported'}"])
