@@ -45,12 +45,12 @@ class Export:
 
 def metadata(experiment: experiment_lib.Experiment) -> dict[str, Any]:
     """What an export must say so that it can be checked against a base model and rebuilt."""
-    return {
-        "format": _FORMAT,
-        **experiment.spec.to_dict(),
-        "base_fingerprint": experiment.base_fingerprint,
-        "bert_config": dataclasses.asdict(experiment.bert_config),
-    }
+    return metadata_of(experiment.spec, experiment.base_fingerprint, dataclasses.asdict(experiment.bert_config))
+
+
+def metadata_of(spec: RunSpec, base_fingerprint: str, bert_config: Mapping[str, Any]) -> dict[str, Any]:
+    """`metadata` of a run not built here (e.g. imported from AdapterHub); `bert_config` as a dict."""
+    return {"format": _FORMAT, **spec.to_dict(), "base_fingerprint": base_fingerprint, "bert_config": dict(bert_config)}
 
 
 def write(directory: epath.PathLike, params: Mapping[str, Any], metadata: Mapping[str, Any]) -> epath.Path:

@@ -20,7 +20,8 @@ KEYS = ("task", "model", "mode", "adapter", "top_k", "train_pooler", "max_seq_le
 ADAPTER_KEYS = tuple(field.name for field in dataclasses.fields(AdapterConfig))
 # The config keys that shape the model and what trains: a run loaded from its export takes them from its
 # RunSpec, and never reads them from the config.
-MODEL_KEYS = ("mode", "adapter_size", "adapter_init_std", "adapter_sites", "adapter_layers", "top_k", "train_pooler")
+MODEL_KEYS = ("mode", "adapter_size", "adapter_init_std", "adapter_sites", "adapter_layers", "top_k", "train_pooler",
+              "houlsby_layernorms")
 
 _TEXT = (lambda v: isinstance(v, str) and bool(v), "a non-empty string")
 # What `from_dict` may be given: each key's check and what it allows (the adapter's keys under "adapter.").
@@ -59,6 +60,8 @@ class RunSpec:
     top_k:          the top layers that trained in top_k mode.
     train_pooler:   whether the pooler trained too.
     max_seq_length: the length examples are tokenized to.
+    houlsby_layernorms: in adapters mode, whether the base model's LayerNorms train too (the paper) or stay frozen
+                    (an export that AdapterHub loads whole, with no side file).
     """
 
     task: str
@@ -68,6 +71,7 @@ class RunSpec:
     top_k: int
     train_pooler: bool
     max_seq_length: int
+    houlsby_layernorms: bool = True
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "RunSpec":
@@ -85,6 +89,7 @@ class RunSpec:
             top_k=config.top_k,
             train_pooler=config.train_pooler,
             max_seq_length=config.max_seq_length,
+            houlsby_layernorms=config.houlsby_layernorms,
         )
 
     @classmethod
@@ -104,11 +109,17 @@ class RunSpec:
             top_k=settings["top_k"],
             train_pooler=settings["train_pooler"],
             max_seq_length=settings["max_seq_length"],
+            # Exports written before the key existed trained their LayerNorms.
+            houlsby_layernorms=settings.get("houlsby_layernorms", True),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready; num_labels is written for readers of the file, and derived from the task on reading."""
-        return {**dataclasses.asdict(self), "num_labels": self.num_labels}
+        """JSON-ready; num_labels is written for readers of the file, and derived from the task on reading.
+        houlsby_layernorms is written only when False, so that the default run's export is format 1 as before."""
+        settings = {**dataclasses.asdict(self), "num_labels": self.num_labels}
+        if self.houlsby_layernorms:
+            del settings["houlsby_layernorms"]
+        return settings
 
     @property
     def num_labels(self) -> int:
@@ -117,7 +128,8 @@ class RunSpec:
     def trainable_mask(self, params: Any, num_layers: int) -> dict:
         """True for each parameter (or jax.ShapeDtypeStruct) of `params` that trains in this run."""
         return trainable.trainable_mask(
-            params, mode=self.mode, num_layers=num_layers, top_k=self.top_k, train_pooler=self.train_pooler
+            params, mode=self.mode, num_layers=num_layers, top_k=self.top_k, train_pooler=self.train_pooler,
+            houlsby_layernorms=self.houlsby_layernorms,
         )
 
     def data_config(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

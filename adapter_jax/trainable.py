@@ -39,12 +39,17 @@ NOT_DECAYED_PATTERNS = (LAYER_NORMS, r".*/bias")
 Params = Mapping[str, Any]
 
 
-def trainable_patterns(mode: str, *, num_layers: int, top_k: int = 0, train_pooler: bool = False) -> tuple[str, ...]:
-    """The patterns of the parameters that train in `mode`; `train_pooler` adds the pooler to any mode."""
+def trainable_patterns(
+    mode: str, *, num_layers: int, top_k: int = 0, train_pooler: bool = False, houlsby_layernorms: bool = True
+) -> tuple[str, ...]:
+    """The patterns of the parameters that train in `mode`; `train_pooler` adds the pooler to any mode, and
+    `houlsby_layernorms=False` keeps the LayerNorms of adapters mode frozen."""
     if mode not in TRAINABLE_PATTERNS:
         raise ConfigError(f"mode: unknown mode {mode!r}; expected one of {MODES}")
     top_layers = "|".join(str(layer) for layer in range(max(num_layers - top_k, 0), num_layers))
     patterns = tuple(pattern.format(top_layers=top_layers) for pattern in TRAINABLE_PATTERNS[mode])
+    if mode == "adapters" and not houlsby_layernorms:
+        patterns = tuple(pattern for pattern in patterns if pattern != LAYER_NORMS)
     return patterns + ((POOLER,) if train_pooler and POOLER not in patterns else ())
 
 
@@ -60,10 +65,14 @@ def matches(params: Params, patterns: Sequence[str]) -> dict:
 
 
 def trainable_mask(
-    params: Params, *, mode: str, num_layers: int, top_k: int = 0, train_pooler: bool = False
+    params: Params, *, mode: str, num_layers: int, top_k: int = 0, train_pooler: bool = False,
+    houlsby_layernorms: bool = True,
 ) -> dict:
-    """True for each parameter of `params` that trains in `mode`."""
-    return matches(params, trainable_patterns(mode, num_layers=num_layers, top_k=top_k, train_pooler=train_pooler))
+    """True for each parameter of `params` that trains in `mode` (see `trainable_patterns`)."""
+    patterns = trainable_patterns(
+        mode, num_layers=num_layers, top_k=top_k, train_pooler=train_pooler, houlsby_layernorms=houlsby_layernorms
+    )
+    return matches(params, patterns)
 
 
 def split(params: Params, mask: Params) -> tuple[dict, dict]:

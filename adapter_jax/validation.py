@@ -28,7 +28,7 @@ RESUMABLE_KEYS = frozenset(
      "tfds_data_dir", "data_source"}
 )
 # Keys added after runs were saved without them, with the value such a run was trained with.
-KEYS_ADDED_LATER = {"packing": False}
+KEYS_ADDED_LATER = {"packing": False, "houlsby_layernorms": True}
 
 
 def _one_of(options: tuple) -> Callable[[Any], bool]:
@@ -58,6 +58,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "adapter_layers": (_int_tuple, "layer indices (empty: every layer)"),
     "top_k": (non_negative_int, "a non-negative integer (layers to fine-tune in top_k mode)"),
     "train_pooler": (lambda v: isinstance(v, bool), "true or false"),
+    "houlsby_layernorms": (lambda v: isinstance(v, bool), "true or false"),
     "data_source": (_one_of(DATA_SOURCES), f"one of {DATA_SOURCES}"),
     "glue_dir": (lambda v: isinstance(v, str), "a folder in the original GLUE layout"),
     "tfds_data_dir": (lambda v: isinstance(v, str), "a TFDS data folder, or empty for TFDS's default"),

@@ -135,7 +135,7 @@ def abstract_params(model: nn.Module, max_length: int = 8) -> dict:
     return jax.eval_shape(model.init, jax.random.key(0), ids, ids, ids)["params"]
 
 
-def _hf_name(path: Path) -> str:
+def hf_name(path: Path) -> str:
     """('encoder', 'layer_3', 'output', 'dense', 'kernel') -> 'encoder.layer.3.output.dense.weight'."""
     *modules, leaf = path
     modules = [re.sub(r"^layer_(\d+)$", r"layer.\1", module) for module in modules]
@@ -176,9 +176,20 @@ def _read_tensors(model_dir: pathlib.Path) -> tuple[pathlib.Path, dict[str, np.n
     }
 
 
-def _to_flax(tensors: Mapping[str, np.ndarray], expected: Mapping[Path, Any], source: pathlib.Path) -> dict:
-    """HF-named tensors -> nested float32 params; every problem found is reported in one error."""
-    path_of = {_hf_name(path): path for path in expected}
+def to_hf_tensors(flat_params: Mapping[Path, Any]) -> dict[str, np.ndarray]:
+    """Flat params -> HF-named float32 tensors in PyTorch's layout, each contiguous: safetensors' numpy writer
+    ignores strides, so a transposed view would be written as its untransposed buffer."""
+    tensors = {}
+    for path, leaf in flat_params.items():
+        value = np.asarray(leaf, dtype=np.float32)
+        tensors[hf_name(path)] = np.ascontiguousarray(value.T if path[-1] == "kernel" else value)
+    return tensors
+
+
+def from_hf_tensors(tensors: Mapping[str, np.ndarray], expected: Mapping[Path, Any], source: PathLike) -> dict:
+    """HF-named tensors -> nested float32 params shaped as `expected` (flat, arrays or ShapeDtypeStructs);
+    every problem found is reported in one error naming `source`."""
+    path_of = {hf_name(path): path for path in expected}
     flat, problems = {}, []
     for name, array in tensors.items():
         canonical = _canonical_name(name)
@@ -193,7 +204,7 @@ def _to_flax(tensors: Mapping[str, np.ndarray], expected: Mapping[Path, Any], so
             want = expected[path].shape[::-1] if path[-1] == "kernel" else expected[path].shape
             problems.append(f"tensor {name} has shape {tuple(array.shape)}, expected {tuple(want)}")
         flat[path] = np.ascontiguousarray(value, dtype=np.float32)
-    problems += [f"missing tensor {_hf_name(path)}" for path in expected if path not in flat]
+    problems += [f"missing tensor {hf_name(path)}" for path in expected if path not in flat]
     if problems:
         raise errors.WeightsError(f"{source} does not fit BertModel:\n  " + "\n  ".join(problems))
     return traverse_util.unflatten_dict(flat)
@@ -221,7 +232,7 @@ def load_pretrained(model: ModelFolder | PathLike | None) -> tuple[BertConfig, d
     folder = model if isinstance(model, ModelFolder) else open_model_folder(model)
     source, tensors = _read_tensors(folder.path)
     expected = traverse_util.flatten_dict(abstract_params(BertModel(folder.config)))
-    return folder.config, _to_flax(tensors, expected, source)
+    return folder.config, from_hf_tensors(tensors, expected, source)
 
 
 def fingerprint(params: Mapping[str, Any]) -> str:
@@ -291,10 +302,33 @@ def export_pretrained(
     problems = _tree_problems(traverse_util.flatten_dict(abstract_params(BertModel(config))), flat)
     if problems:
         raise errors.WeightsError("params do not fit the BertConfig being exported:\n  " + "\n  ".join(problems))
-    tensors = {}
-    for path, leaf in flat.items():
-        value = np.asarray(leaf, dtype=np.float32)
-        tensors[_hf_name(path)] = np.ascontiguousarray(value.T if path[-1] == "kernel" else value)
+    return _write_hf_folder(out_dir, {"architectures": ["BertModel"], **config.to_dict()}, to_hf_tensors(flat),
+                            tokenizer_dir)
+
+
+def export_for_classification(
+    config: BertConfig, params: Mapping[str, Any], labels: tuple[str, ...] | None, out_dir: PathLike,
+    tokenizer_dir: PathLike,
+) -> pathlib.Path:
+    """Writes a model without adapters ({'bert': ..., 'classifier': ...}) as an HF BertForSequenceClassification
+    folder, `labels` (None: one regression output) as its id2label, with the tokenizer of `tokenizer_dir`."""
+    names = labels or ("LABEL_0",)
+    hf_config = {
+        "architectures": ["BertForSequenceClassification"],
+        "id2label": dict(enumerate(names)),
+        "label2id": {name: i for i, name in enumerate(names)},
+        "problem_type": "regression" if labels is None else "single_label_classification",
+        **config.to_dict(),
+    }
+    return _write_hf_folder(out_dir, hf_config, to_hf_tensors(traverse_util.flatten_dict(params)), tokenizer_dir)
+
+
+def _write_hf_folder(
+    out_dir: PathLike, hf_config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
+    tokenizer_dir: PathLike | None,
+) -> pathlib.Path:
+    """config.json (`hf_config` on BERT's fixed keys), model.safetensors and the tokenizer files found in
+    `tokenizer_dir`, in `out_dir`."""
     tokenizer_files = []
     if tokenizer_dir is not None:
         tokenizer_files = [pathlib.Path(tokenizer_dir) / name for name in TOKENIZER_FILES]
@@ -303,16 +337,10 @@ def export_pretrained(
             raise errors.WeightsError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer_dir}")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf_config = {
-        "architectures": ["BertModel"],
-        "model_type": "bert",
-        "hidden_act": "gelu",
-        "position_embedding_type": "absolute",
-        **config.to_dict(),
-    }
+    hf_config = {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute", **hf_config}
     (out_dir / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
     # transformers refuses safetensors files without a "format" entry in their metadata.
-    safetensors.numpy.save_file(tensors, out_dir / SAFETENSORS_FILE, metadata={"format": "pt"})
+    safetensors.numpy.save_file(dict(tensors), out_dir / SAFETENSORS_FILE, metadata={"format": "pt"})
     for path in tokenizer_files:
         shutil.copy(path, out_dir / path.name)
     return out_dir

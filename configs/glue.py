@@ -38,6 +38,9 @@ def get_config(task: str = "rte") -> ml_collections.ConfigDict:
     config.adapter_layers = ()  # empty: every layer
     config.top_k = 0
     config.train_pooler = False  # the authors' code keeps the pooler frozen
+    # Adapters mode: the base model's LayerNorms train too (the paper). False freezes them, as AdapterHub's
+    # train_adapter does: the export then converts to an AdapterHub adapter that needs no side file.
+    config.houlsby_layernorms = True
 
     # Data: the original GLUE TSV layout, or TFDS glue/<task>.
     config.data_source = "tsv"
