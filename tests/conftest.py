@@ -73,11 +73,15 @@ def glue_dir() -> pathlib.Path:
     """The real GLUE folder; missing is a failure under CI and a skip elsewhere."""
     path = pathlib.Path(os.environ.get("GLUE_DIR", DEFAULT_GLUE_DIR))
     if not path.is_dir():
-        message = f"GLUE data folder not found: {path} (set GLUE_DIR)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_outside_ci(f"GLUE data folder not found: {path} (set GLUE_DIR)")
     return path
+
+
+def missing_outside_ci(message: str) -> None:
+    """What a test does without its data or reference environment: fail under CI (CI=true), skip elsewhere."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")

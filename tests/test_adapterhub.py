@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import safetensors.numpy
+from conftest import missing_outside_ci
 from flax import traverse_util
 
 from adapter_jax import adapterhub, export, steps, trainable
@@ -187,10 +188,7 @@ def peer_python() -> str:
     from adapter_jax import reference
 
     if not os.access(reference.DEFAULT_PEER_PYTHON, os.X_OK):
-        message = f"no AdapterHub reference environment at {reference.DEFAULT_PEER_PYTHON} (run its setup.sh)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_outside_ci(f"no AdapterHub reference environment at {reference.DEFAULT_PEER_PYTHON} (run its setup.sh)")
     return reference.DEFAULT_PEER_PYTHON
 
 

@@ -9,6 +9,7 @@ import shlex
 import subprocess
 
 import pytest
+from conftest import missing_outside_ci
 
 from scripts.tpu import flags as launch_flags
 from scripts.tpu import remote
@@ -31,10 +32,7 @@ print(json.dumps({"name": task.name, "run": task.run, "setup": task.setup, "envs
 @pytest.fixture(scope="module")
 def sky_python() -> pathlib.Path:
     if not SKY_PYTHON.exists():
-        message = f"no SkyPilot environment at {SKY_PYTHON} (set SKY_VENV, or make it: see this file's doc)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_outside_ci(f"no SkyPilot environment at {SKY_PYTHON} (set SKY_VENV, or make it: see this file's doc)")
     return SKY_PYTHON
 
 
