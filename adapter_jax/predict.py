@@ -22,7 +22,8 @@ from adapter_jax import (
 )
 from adapter_jax.errors import CheckpointError
 from adapter_jax.evaluation import Evaluator, to_predictions
-from adapter_jax.workdir import Workdir, WorkdirLock, is_primary_process, write_shared
+from adapter_jax.lock import WorkdirLock
+from adapter_jax.workdir import Workdir, is_primary_process, write_shared
 
 
 def predict(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
@@ -33,7 +34,7 @@ def predict(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[
     <workdir>/submission/complete.json, written last, lists them.
     """
     workdir = Workdir(workdir)
-    with WorkdirLock(workdir):
+    with WorkdirLock(workdir, config.lock_lease_seconds):
         return _predict(config, workdir)
 
 
@@ -85,7 +86,7 @@ def predict_together(config: ml_collections.ConfigDict, workdirs: Sequence[epath
     workdirs = {str(workdir): Workdir(workdir) for workdir in workdirs}
     with contextlib.ExitStack() as locks:
         for workdir in workdirs.values():
-            locks.enter_context(WorkdirLock(workdir))
+            locks.enter_context(WorkdirLock(workdir, config.lock_lease_seconds))
         return _predict_together(config, workdirs)
 
 

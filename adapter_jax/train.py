@@ -32,10 +32,11 @@ from adapter_jax import (
 from adapter_jax import experiment as experiment_lib
 from adapter_jax.errors import CheckpointError, NonFiniteLoss, Preempted, WriteFailed
 from adapter_jax.history import HistoryWriter
+from adapter_jax.lock import WorkdirLock
 from adapter_jax.logs import console
 from adapter_jax.results import RunResult
 from adapter_jax.stop_signals import StopSignals
-from adapter_jax.workdir import Workdir, WorkdirLock, is_primary_process, write_shared
+from adapter_jax.workdir import Workdir, is_primary_process, write_shared
 
 
 @dataclasses.dataclass
@@ -133,7 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     start_time = time.time()
     workdir = Workdir(workdir)
     model_folder = validation.validate_config(config, workdir.path)
-    with WorkdirLock(workdir):
+    with WorkdirLock(workdir, config.lock_lease_seconds):
         return _train_and_evaluate(config, workdir, model_folder, start_time)
 
 

@@ -68,4 +68,7 @@ def get_config(task: str = "rte") -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.checkpoint_every_steps = 500
     config.checkpoints_to_keep = 2
+    # A run holds its workdir's lock.json as a lease, renewed every quarter of it; a lock not renewed for this
+    # long (its run killed, its VM gone) is taken over by the next run.
+    config.lock_lease_seconds = 120
     return config

@@ -28,10 +28,10 @@ from ml_collections import config_flags
 
 from adapter_jax import cli, distributed, logs, paper, predict, train
 from adapter_jax.errors import NonFiniteLoss, Preempted
+from adapter_jax.lock import WorkdirLock
 from adapter_jax.workdir import (
     SweepDir,
     Workdir,
-    WorkdirLock,
     is_primary_process,
     read_json,
     write_atomic,
@@ -48,6 +48,8 @@ flags.DEFINE_list("adapter_sizes", [str(m) for m in paper.ADAPTER_SIZES], "Adapt
 flags.DEFINE_list("seeds", [str(s) for s in range(paper.NUM_SEEDS)], "Seeds; the paper takes the best on dev.")
 flags.DEFINE_list("top_k", ["1"], "Layers fine-tuned in top_k mode.")
 flags.DEFINE_bool("predict_test", True, "Write each run's GLUE test predictions (for scripts.report).")
+flags.DEFINE_integer("lock_lease_seconds", None, "The lease of the sweep's lock and its runs' locks (see "
+                     "lock.py); default: --config.lock_lease_seconds (120).", lower_bound=1)
 distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -100,7 +102,7 @@ def sweep(
     which scripts.report gathers into a submission folder for the best runs.
     """
     folder = SweepDir(workdir)
-    with WorkdirLock(folder.path):
+    with WorkdirLock(folder.path, base_config.lock_lease_seconds):
         return _sweep(base_config, folder, runs, train_fn, predict_test)
 
 
@@ -173,6 +175,8 @@ def _write_jsonl(path: epath.Path, records: Sequence[dict[str, Any]]) -> None:
 def main(argv: list[str]) -> None:
     del argv
     cli.start(Workdir(FLAGS.workdir).log_file())
+    if FLAGS.lock_lease_seconds is not None:
+        FLAGS.config.lock_lease_seconds = FLAGS.lock_lease_seconds
     runs = list(
         grid(
             FLAGS.modes,
