@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from adapter_jax import (
     checkpoint,
+    compilation_cache,
     evaluation,
     export,
     metrics,
@@ -133,6 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     """
     start_time = time.time()
     workdir = Workdir(workdir)
+    compilation_cache.use(config.compilation_cache_dir)
     model_folder = validation.validate_config(config, workdir.path)
     with WorkdirLock(workdir, config.lock_lease_seconds):
         return _train_and_evaluate(config, workdir, model_folder, start_time)
