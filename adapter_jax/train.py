@@ -146,7 +146,8 @@ def _train_and_evaluate(
     setup = training_setup.build(config, model_folder)
     task = setup.experiment.task
     dev_data = experiment_lib.load_dev_datasets(config, task, setup.tokenizer)
-    manager = checkpoint.checkpoint_manager(workdir, max_to_keep=config.checkpoints_to_keep)
+    manager = checkpoint.checkpoint_manager(workdir, max_to_keep=config.checkpoints_to_keep,
+                                            deadline_minutes=config.storage_deadline_minutes)
     state, progress, data_position = _restore(manager, setup.initial_state)
     if data_position is not None:
         setup.train_iter.restore(data_position)
@@ -240,7 +241,8 @@ class _Loop:
     def _save(self, force: bool = False) -> None:
         self.step_metrics.read()  # a non-finite step stops the run before anything after it is saved
         self.progress.wall_time_s = self.wall_time_s()
-        self.writer.flush()  # the history up to the step saved, before the step is
+        with checkpoint.storage_deadline(self.manager, "writing the metrics history beside"):
+            self.writer.flush()  # the history up to the step saved, before the step is
         _save(self.manager, steps.unreplicate(self.p_state), self.progress, self.setup.train_iter.state(),
               self.config, force)
 
@@ -251,6 +253,9 @@ class _Loop:
         self.writer.write(step, {f"{split}/{name}": value for split, r in results.items() for name, value in r.items()})
         logging.info("step %d dev %s", step, results)
         is_best = self.progress.record(step, metrics.main_score(task, results[task.dev_splits[0]]), results)
+        # A checkpoint that failed in the background stops the run here, naming its cause, before the export
+        # (which a full disk would fail too) or anything else is written.
+        checkpoint.raise_save_errors(self.manager, wait=True)
         if is_best and is_primary_process():  # every host keeps the best score; one writes the export
             export.write(self.workdir.export_dir, steps.unreplicate(self.p_state.params),
                          export.metadata(self.setup.experiment))

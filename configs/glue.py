@@ -18,7 +18,7 @@ import os
 
 import ml_collections
 
-from adapter_jax import adapters, compilation_cache, lock, paper
+from adapter_jax import adapters, checkpoint, compilation_cache, lock, paper
 
 
 def get_config(task: str = "rte") -> ml_collections.ConfigDict:
@@ -74,4 +74,7 @@ def get_config(task: str = "rte") -> ml_collections.ConfigDict:
     # JAX's persistent compilation cache (compilation_cache.py): later runs on this machine skip compiling.
     # "" turns it off.
     config.compilation_cache_dir = compilation_cache.DEFAULT_DIR
+    # A checkpoint save, restore or commit that takes longer ends the run with an error (a bucket that stopped
+    # answering), so that whatever restarts it resumes from the last complete checkpoint.
+    config.storage_deadline_minutes = checkpoint.DEADLINE_MINUTES
     return config
