@@ -14,6 +14,7 @@ complete checkpoint, instead of every host waiting, billed, for hours.
 import contextlib
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -54,18 +55,16 @@ def checkpoint_manager(
 
 
 @contextlib.contextmanager
-def storage_deadline(manager: CheckpointManager, what: str) -> Iterator[None]:
-    """Ends the process (exit status 1, after an `error:` line naming `what` and the folder) if the block takes
-    longer than the manager's deadline: a thread stuck in a storage call cannot be stopped any other way. The
-    lock is left to its lease."""
-    minutes = manager.deadline_minutes
+def storage_deadline(minutes: float, what: str) -> Iterator[None]:
+    """Ends the process (exit status 1, after an `error:` line naming `what`, which names the path) if the block
+    takes longer than `minutes`: a thread stuck in a storage call cannot be stopped any other way. The lock is
+    left to its lease."""
 
     def expire() -> None:
-        message = (f"error: {what} {manager.directory} did not finish within {minutes:g} minutes "
-                   f"(config.storage_deadline_minutes): the storage stopped answering. Stopping; rerun to resume "
-                   f"from the last complete checkpoint.")
-        logging.error("%s", message)
-        print(message, file=logs.console(), flush=True)
+        message = (f"error: {what} did not finish within {minutes:g} minutes (config.storage_deadline_minutes): "
+                   f"the storage stopped answering. Stopping; rerun to resume from the last complete checkpoint.")
+        for stream in {logs.console(), sys.stderr}:  # the console, and the log file once logs.route_logs ran
+            print(message, file=stream, flush=True)
         os._exit(1)
 
     timer = threading.Timer(minutes * 60, expire)
@@ -77,12 +76,16 @@ def storage_deadline(manager: CheckpointManager, what: str) -> Iterator[None]:
         timer.cancel()
 
 
+def _deadline(manager: CheckpointManager, what: str) -> contextlib.AbstractContextManager[None]:
+    return storage_deadline(manager.deadline_minutes, f"{what} {manager.directory}")
+
+
 def save_checkpoint(
     manager: ocp.CheckpointManager, step: int, state: Any, meta: Mapping[str, Any], *, force: bool = False
 ) -> None:
     """Saves a host pytree `state` and JSON `meta` (iterator position, best result, config); a failed write,
     of this step or of the one before it in the background, raises WriteFailed."""
-    with storage_deadline(manager, "saving a checkpoint to"), _save_errors(manager):
+    with _deadline(manager, "saving a checkpoint to"), _save_errors(manager):
         manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))),
@@ -95,7 +98,7 @@ def raise_save_errors(manager: ocp.CheckpointManager, *, wait: bool = False) -> 
     on would only lose more work, and the traceback of orbax's worker thread names no reason one can act on.
     With `wait`, the save still in the background is waited for first, so that a failed one stops the run
     before anything else is written (an export would fail on a full disk too, and hide the cause)."""
-    with storage_deadline(manager, "writing a checkpoint to"), _save_errors(manager):
+    with _deadline(manager, "writing a checkpoint to"), _save_errors(manager):
         if wait:
             manager.wait_until_finished()
         manager.check_for_errors()
@@ -103,7 +106,7 @@ def raise_save_errors(manager: ocp.CheckpointManager, *, wait: bool = False) -> 
 
 def close(manager: ocp.CheckpointManager) -> None:
     """Waits for a save still in the background and closes `manager`; a failed save raises WriteFailed."""
-    with storage_deadline(manager, "writing a checkpoint to"), _save_errors(manager):
+    with _deadline(manager, "writing a checkpoint to"), _save_errors(manager):
         manager.close()
 
 
@@ -149,7 +152,7 @@ def _newest_intact(manager: ocp.CheckpointManager, read: Callable[[int], T], wha
     for index, step in enumerate(steps):
         error = None
         try:
-            with storage_deadline(manager, f"reading step {step} of"):
+            with _deadline(manager, f"reading step {step} of"):
                 value = read(step)
         # orbax raises many types; the user needs the path and the cause, and every process the same decision.
         except Exception as e:  # noqa: BLE001 - raised below once the processes agree, or logged and skipped

@@ -241,7 +241,8 @@ class _Loop:
     def _save(self, force: bool = False) -> None:
         self.step_metrics.read()  # a non-finite step stops the run before anything after it is saved
         self.progress.wall_time_s = self.wall_time_s()
-        with checkpoint.storage_deadline(self.manager, "writing the metrics history beside"):
+        with checkpoint.storage_deadline(self.config.storage_deadline_minutes,
+                                         f"writing the metrics history of {self.workdir}"):
             self.writer.flush()  # the history up to the step saved, before the step is
         _save(self.manager, steps.unreplicate(self.p_state), self.progress, self.setup.train_iter.state(),
               self.config, force)
@@ -257,8 +258,10 @@ class _Loop:
         # (which a full disk would fail too) or anything else is written.
         checkpoint.raise_save_errors(self.manager, wait=True)
         if is_best and is_primary_process():  # every host keeps the best score; one writes the export
-            export.write(self.workdir.export_dir, steps.unreplicate(self.p_state.params),
-                         export.metadata(self.setup.experiment))
+            with checkpoint.storage_deadline(self.config.storage_deadline_minutes,
+                                             f"writing the export {self.workdir.export_file}"):
+                export.write(self.workdir.export_dir, steps.unreplicate(self.p_state.params),
+                             export.metadata(self.setup.experiment))
         return results
 
 
