@@ -19,7 +19,7 @@ from adapter_jax.errors import DataError, Preempted, WorkdirInUse
 from adapter_jax.lock import WorkdirLock
 from adapter_jax.workdir import Workdir
 from tests.conftest import GCS_BUCKET
-from tests.test_cli_robustness import _command, _run, _start, _wait_for
+from tests.test_cli_robustness import _command, _console, _run, _start, _wait_for
 
 
 def _lock_record(host="spot-vm-old", pid=4242, heartbeat_age=0.0, lease=120, **more):
@@ -149,3 +149,14 @@ def test_a_run_stopped_while_loading_releases_its_lock_and_one_killed_is_taken_o
     assert re.search(rf"Taking over {lock} from process {killed.pid} on {socket.gethostname()} \(started .*\), whose "
                      r"last heartbeat is \d+ s old \(lease 2 s\)", rerun.stderr), rerun.stderr
     assert (workdir / "summary.json").exists() and not lock.exists()
+
+
+@pytest.mark.slow  # the entry point in a subprocess
+def test_a_lock_whose_pid_is_not_a_number_stops_the_entry_point_with_one_line(tiny_model_dir, tiny_glue_dir,
+                                                                               tmp_path):
+    _write_lock(epath.Path(tmp_path), _lock_record(host=socket.gethostname(), pid="abc"))
+    result = _run(_command("adapter_jax.main", tmp_path, tiny_model_dir, tiny_glue_dir))
+    assert result.returncode == 2, result.stderr
+    lock = tmp_path / "lock.json"
+    expected = f"error: lock file {lock}: 'pid' is 'abc', not int; if no run uses this workdir, delete {lock}"
+    assert _console(result.stderr) == [expected]
