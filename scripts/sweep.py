@@ -28,7 +28,7 @@ from ml_collections import config_flags
 
 from adapter_jax import cli, distributed, logs, paper, predict, train
 from adapter_jax.errors import NonFiniteLoss, Preempted
-from adapter_jax.lock import WorkdirLock
+from adapter_jax.lock import LEASE_SECONDS, WorkdirLock
 from adapter_jax.workdir import (
     SweepDir,
     Workdir,
@@ -102,7 +102,7 @@ def sweep(
     which scripts.report gathers into a submission folder for the best runs.
     """
     folder = SweepDir(workdir)
-    with WorkdirLock(folder.path, base_config.lock_lease_seconds):
+    with WorkdirLock(folder.path, base_config.get("lock_lease_seconds", LEASE_SECONDS)):
         return _sweep(base_config, folder, runs, train_fn, predict_test)
 
 
