@@ -48,6 +48,9 @@ setuptools.setup(
         # gcsfs (checkpoints, exports, results) and google-cloud-storage (TensorBoard events) let the
         # workdir be a gs:// bucket.
         "tpu": ["jax[tpu]", "gcsfs", "google-cloud-storage"],
+        # NVIDIA GPUs: the CUDA 12 jaxlib plugin and its CUDA libraries from PyPI; without it a GPU machine
+        # silently runs the CPU jaxlib.
+        "cuda": ["jax[cuda12]"],
         "report": ["matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["adapter-jax=adapter_jax.main:run"]},

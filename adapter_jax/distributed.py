@@ -98,6 +98,13 @@ def from_process_0(value: Any) -> Any:
     return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(padded)).tobytes())
 
 
+def on_any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process of the run: every process gets the same answer."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.int32(flag)).any())
+
+
 def barrier(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
     """Waits until every process reaches its `barrier(name)`; raises PeerLost if one does not within
     `timeout_s`, e.g. because it died or stopped on an error of its own."""

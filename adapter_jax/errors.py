@@ -43,11 +43,10 @@ class PeerLost(Exception):
 
 
 class Preempted(Exception):
-    """A SIGTERM or SIGINT stopped training after the checkpoint of the current step was written."""
+    """A SIGTERM or SIGINT stopped training after the checkpoint of the current step was written (`step`), or
+    stopped a run outside its training loop (step None: loading, compiling, predicting), its lock released."""
 
-    def __init__(self, signum: int, step: int, workdir: object):
+    def __init__(self, signum: int, step: int | None, workdir: object):
         self.signum = signum
-        super().__init__(
-            f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint written to "
-            f"{workdir}. Rerun the same command to resume."
-        )
+        done = f"at step {step}; checkpoint written to {workdir}" if step is not None else f"({workdir} released)"
+        super().__init__(f"stopped by {signal.Signals(signum).name} {done}. Rerun the same command to resume.")

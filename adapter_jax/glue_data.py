@@ -7,9 +7,9 @@ turns them into batches.
 import dataclasses
 import math
 import os
-import pathlib
 
 import numpy as np
+from etils import epath
 
 from adapter_jax import errors
 from adapter_jax.tasks import Task
@@ -44,13 +44,13 @@ def read_examples(
     if source == "tsv":
         if glue_dir is None:
             raise errors.ConfigError("glue_dir is required when source='tsv'")
-        return _read_tsv(task, split, pathlib.Path(glue_dir))
+        return _read_tsv(task, split, epath.Path(glue_dir))  # epath: a gs:// folder too
     if source == "tfds":
         return _read_tfds(task, split, tfds_data_dir)
     raise errors.ConfigError(f"Unknown source {source!r}; expected 'tsv' or 'tfds'")
 
 
-def _read_tsv(task: Task, split: str, glue_dir: pathlib.Path) -> list[Example]:
+def _read_tsv(task: Task, split: str, glue_dir: epath.Path) -> list[Example]:
     path = glue_dir / task.dir_name / task.splits[split]
     if not path.is_file():
         what = "folder" if not path.parent.is_dir() else "file"

@@ -11,8 +11,8 @@ import numpy as np
 from etils import epath
 
 from adapter_jax import bank as bank_lib
-from adapter_jax import experiment as experiment_lib
 from adapter_jax import (
+    compilation_cache,
     export,
     input_pipeline,
     metrics,
@@ -20,9 +20,11 @@ from adapter_jax import (
     submission,
     tasks,
 )
+from adapter_jax import experiment as experiment_lib
 from adapter_jax.errors import CheckpointError
 from adapter_jax.evaluation import Evaluator, to_predictions
-from adapter_jax.workdir import Workdir, WorkdirLock, is_primary_process, write_shared
+from adapter_jax.lock import WorkdirLock
+from adapter_jax.workdir import Workdir, is_primary_process, write_shared
 
 
 def predict(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[str, Any]:
@@ -33,7 +35,8 @@ def predict(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict[
     <workdir>/submission/complete.json, written last, lists them.
     """
     workdir = Workdir(workdir)
-    with WorkdirLock(workdir):
+    compilation_cache.use(config.compilation_cache_dir)
+    with WorkdirLock(workdir, config.lock_lease_seconds):
         return _predict(config, workdir)
 
 
@@ -83,9 +86,10 @@ def predict_together(config: ml_collections.ConfigDict, workdirs: Sequence[epath
     device in float32, whatever config.dtype says.
     """
     workdirs = {str(workdir): Workdir(workdir) for workdir in workdirs}
+    compilation_cache.use(config.compilation_cache_dir)
     with contextlib.ExitStack() as locks:
         for workdir in workdirs.values():
-            locks.enter_context(WorkdirLock(workdir))
+            locks.enter_context(WorkdirLock(workdir, config.lock_lease_seconds))
         return _predict_together(config, workdirs)
 
 

@@ -13,7 +13,10 @@ import pathlib
 import subprocess
 from typing import Any
 
+from etils import epath
+
 from adapter_jax import glue_data, tasks
+from adapter_jax.workdir import is_remote
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PEER_SCRIPT = REPO_ROOT.parent / "shared" / "bench" / "peer" / "train_adapterhub.py"
@@ -61,13 +64,14 @@ def run(command: list[str]) -> dict[str, Any]:
 
 
 def subset_folder(task: tasks.Task, glue_dir: str, max_train_examples: int, out_root: pathlib.Path) -> pathlib.Path:
-    """A task folder whose train.tsv holds the same fixed subset our config.max_train_examples picks."""
-    source = pathlib.Path(glue_dir) / task.dir_name
-    if not max_train_examples:
-        return source
+    """A local task folder whose train.tsv holds the same fixed subset our config.max_train_examples picks (0:
+    all): the GLUE folder's own where it is local and whole, else a copy in `out_root` (the peer reads no gs://)."""
+    source = epath.Path(glue_dir) / task.dir_name
+    if not max_train_examples and not is_remote(glue_dir):
+        return pathlib.Path(source)
     lines = (source / "train.tsv").read_text().splitlines()
     header, rows = ([], lines) if task.headerless_columns else ([lines[0]], lines[1:])
-    keep = glue_data.train_subset_indices(len(rows), max_train_examples)
+    keep = glue_data.train_subset_indices(len(rows), max_train_examples or len(rows))
     folder = out_root / task.dir_name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.tsv").write_text("\n".join(header + [rows[i] for i in keep]) + "\n")

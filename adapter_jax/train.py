@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from adapter_jax import (
     checkpoint,
+    compilation_cache,
     evaluation,
     export,
     metrics,
@@ -32,10 +33,11 @@ from adapter_jax import (
 from adapter_jax import experiment as experiment_lib
 from adapter_jax.errors import CheckpointError, NonFiniteLoss, Preempted, WriteFailed
 from adapter_jax.history import HistoryWriter
+from adapter_jax.lock import WorkdirLock
 from adapter_jax.logs import console
 from adapter_jax.results import RunResult
 from adapter_jax.stop_signals import StopSignals
-from adapter_jax.workdir import Workdir, WorkdirLock, is_primary_process, write_shared
+from adapter_jax.workdir import Workdir, is_primary_process, write_shared
 
 
 @dataclasses.dataclass
@@ -132,8 +134,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     """
     start_time = time.time()
     workdir = Workdir(workdir)
+    compilation_cache.use(config.compilation_cache_dir)
     model_folder = validation.validate_config(config, workdir.path)
-    with WorkdirLock(workdir):
+    with WorkdirLock(workdir, config.lock_lease_seconds):
         return _train_and_evaluate(config, workdir, model_folder, start_time)
 
 
@@ -143,7 +146,8 @@ def _train_and_evaluate(
     setup = training_setup.build(config, model_folder)
     task = setup.experiment.task
     dev_data = experiment_lib.load_dev_datasets(config, task, setup.tokenizer)
-    manager = checkpoint.checkpoint_manager(workdir, max_to_keep=config.checkpoints_to_keep)
+    manager = checkpoint.checkpoint_manager(workdir, max_to_keep=config.checkpoints_to_keep,
+                                            deadline_minutes=config.storage_deadline_minutes)
     state, progress, data_position = _restore(manager, setup.initial_state)
     if data_position is not None:
         setup.train_iter.restore(data_position)
@@ -237,7 +241,9 @@ class _Loop:
     def _save(self, force: bool = False) -> None:
         self.step_metrics.read()  # a non-finite step stops the run before anything after it is saved
         self.progress.wall_time_s = self.wall_time_s()
-        self.writer.flush()  # the history up to the step saved, before the step is
+        with checkpoint.storage_deadline(self.config.storage_deadline_minutes,
+                                         f"writing the metrics history of {self.workdir}"):
+            self.writer.flush()  # the history up to the step saved, before the step is
         _save(self.manager, steps.unreplicate(self.p_state), self.progress, self.setup.train_iter.state(),
               self.config, force)
 
@@ -248,9 +254,14 @@ class _Loop:
         self.writer.write(step, {f"{split}/{name}": value for split, r in results.items() for name, value in r.items()})
         logging.info("step %d dev %s", step, results)
         is_best = self.progress.record(step, metrics.main_score(task, results[task.dev_splits[0]]), results)
+        # A checkpoint that failed in the background stops the run here, naming its cause, before the export
+        # (which a full disk would fail too) or anything else is written.
+        checkpoint.raise_save_errors(self.manager, wait=True)
         if is_best and is_primary_process():  # every host keeps the best score; one writes the export
-            export.write(self.workdir.export_dir, steps.unreplicate(self.p_state.params),
-                         export.metadata(self.setup.experiment))
+            with checkpoint.storage_deadline(self.config.storage_deadline_minutes,
+                                             f"writing the export {self.workdir.export_file}"):
+                export.write(self.workdir.export_dir, steps.unreplicate(self.p_state.params),
+                             export.metadata(self.setup.experiment))
         return results
 
 

@@ -25,7 +25,7 @@ TRAINABLE_TASKS = tuple(sorted(tasks.GLUE_TASKS))
 # Keys that may change when a run resumes; every other key defines the run and must match.
 RESUMABLE_KEYS = frozenset(
     {"log_every_steps", "checkpoint_every_steps", "checkpoints_to_keep", "eval_batch_size", "glue_dir",
-     "tfds_data_dir", "data_source"}
+     "tfds_data_dir", "data_source", "lock_lease_seconds", "compilation_cache_dir", "storage_deadline_minutes"}
 )
 # Keys added after runs were saved without them, with the value such a run was trained with.
 KEYS_ADDED_LATER = {"packing": False, "houlsby_layernorms": True}
@@ -83,6 +83,9 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "log_every_steps": (positive_int, "a positive integer"),
     "checkpoint_every_steps": (positive_int, "a positive integer"),
     "checkpoints_to_keep": (positive_int, "a positive integer"),
+    "lock_lease_seconds": (positive_int, "a positive number of seconds"),
+    "compilation_cache_dir": (lambda v: isinstance(v, str), "a folder, or empty for no compilation cache"),
+    "storage_deadline_minutes": (number(0.0, low_inclusive=False), "a positive number of minutes"),
 }
 
 # A problem found: the key at fault, and what is wrong with it.

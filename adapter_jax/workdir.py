@@ -1,5 +1,5 @@
 """A run's folder: the name of every file in it (and in a sweep's folder), files written whole or not at all,
-by process 0 alone where the processes of a pod share them, and the lock that keeps one run per folder.
+by process 0 alone where the processes of a pod share them (lock.py holds the lock that keeps one run per folder).
 
     <workdir>/config.json               the config the metrics history began with (validation compares a rerun)
     <workdir>/lock.json                 the run holding the workdir
@@ -21,16 +21,13 @@ import os
 import pathlib
 import socket
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 
 import jax
-from absl import logging
 from etils import epath
 
-from adapter_jax import distributed
-from adapter_jax.errors import DataError, PeerLost, WorkdirInUse, WriteFailed
+from adapter_jax.errors import DataError, WriteFailed
 
 EXPORT_FILE = "adapters.safetensors"  # in an export folder, a workdir's or one copied elsewhere
 _LOCK_FILE = "lock.json"
@@ -158,102 +155,3 @@ def _write(path: epath.Path, data: str | bytes) -> None:
         path.write_bytes(data)
     else:
         path.write_text(data)
-
-
-class WorkdirLock:
-    """One run per workdir: <workdir>/lock.json, created exclusively, names the holder (host, process id,
-    start time) and is removed when the run ends. A lock left by a process of this host that is no longer
-    running (killed, or a VM restarted after preemption) is taken over with a warning.
-
-    On a pod every host runs the same workdir, so process 0 holds the lock for all of them; the others wait
-    for it to be taken (PeerLost if process 0 stopped instead, e.g. on a busy workdir).
-    """
-
-    def __init__(self, workdir: epath.PathLike):
-        self._path = Workdir(workdir).lock
-        self._record = json.dumps({
-            "host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "token": uuid.uuid4().hex,
-        })
-        self._held = False
-
-    def __enter__(self) -> None:
-        if is_primary_process():
-            self._acquire()
-        try:
-            distributed.barrier(f"lock of {self._path.parent}", timeout_s=_LOCK_BARRIER_TIMEOUT_S)
-        except PeerLost:
-            self.__exit__()  # the run never starts: the lock must not outlive it
-            raise
-
-    def _acquire(self) -> None:
-        with writing(self._path):
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            if not self._create():
-                holder = self._holder()
-                if not self._is_stale(holder):
-                    raise WorkdirInUse(
-                        f"{self._path.parent} is in use by process {holder['pid']} on {holder['host']} (started "
-                        f"{holder['started']}); wait for it to end, or use another workdir. If no run uses this "
-                        f"workdir, delete {self._path}"
-                    )
-                logging.warning("Taking over %s from process %s on %s (started %s), which is no longer running.",
-                                self._path, holder["pid"], holder["host"], holder["started"])
-                self._take_over()
-        self._held = True
-
-    def _create(self) -> bool:
-        if not is_remote(self._path):
-            try:
-                with open(os.fspath(self._path), "x") as f:  # epath opens no file exclusively; the OS does
-                    f.write(self._record)
-            except FileExistsError:
-                return False
-            return True
-        # An object store creates nothing exclusively (not through epath): the last writer wins, and
-        # reading the lock back tells each contender whether it was that writer.
-        if self._path.exists():
-            return False
-        self._path.write_text(self._record)
-        return self._path.read_text() == self._record
-
-    def _holder(self) -> dict:
-        holder = read_json(self._path)
-        if not {"host", "pid", "started"} <= set(holder):
-            raise DataError(f"lock file {self._path} does not name its holder; if no run uses this workdir, delete it")
-        return holder
-
-    @staticmethod
-    def _is_stale(holder: dict) -> bool:
-        """Whether the holder is a process of this host that is not running. A process of another host is
-        taken to be alive: this host cannot tell."""
-        if holder["host"] != socket.gethostname():
-            return False
-        if holder["pid"] == os.getpid():  # a restarted container reuses process ids; this one holds no lock yet
-            return True
-        try:
-            os.kill(holder["pid"], 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, another user's
-            return False
-        return False
-
-    def _take_over(self) -> None:
-        # Renaming the stale lock away first: of two runs taking over at once, one rename fails, and that
-        # run then meets the other's new lock.
-        stale = self._path.with_name(f"{_LOCK_FILE}.stale-{os.getpid()}")
-        try:
-            self._path.rename(stale)
-        except FileNotFoundError:
-            pass
-        else:
-            stale.unlink()
-        if not self._create():
-            holder = self._holder()
-            raise WorkdirInUse(f"{self._path.parent} was taken by process {holder['pid']} on {holder['host']} first")
-
-    def __exit__(self, *exc: object) -> None:
-        if self._held and self._path.exists() and self._path.read_text() == self._record:
-            self._path.unlink()
-        self._held = False

@@ -18,7 +18,7 @@ import os
 
 import ml_collections
 
-from adapter_jax import adapters, paper
+from adapter_jax import adapters, checkpoint, compilation_cache, lock, paper
 
 
 def get_config(task: str = "rte") -> ml_collections.ConfigDict:
@@ -71,4 +71,13 @@ def get_config(task: str = "rte") -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.checkpoint_every_steps = 500
     config.checkpoints_to_keep = 2
+    # A run holds its workdir's lock.json as a lease, renewed every quarter of it; a lock not renewed for this
+    # long (its run killed, its VM gone) is taken over by the next run.
+    config.lock_lease_seconds = lock.LEASE_SECONDS
+    # JAX's persistent compilation cache (compilation_cache.py): later runs on this machine skip compiling.
+    # "" turns it off.
+    config.compilation_cache_dir = compilation_cache.DEFAULT_DIR
+    # A checkpoint save, restore or commit that takes longer ends the run with an error (a bucket that stopped
+    # answering), so that whatever restarts it resumes from the last complete checkpoint.
+    config.storage_deadline_minutes = checkpoint.DEADLINE_MINUTES
     return config

@@ -32,11 +32,11 @@ from ml_collections import config_flags
 
 from adapter_jax import cli, distributed, logs, paper, predict, selection, train
 from adapter_jax.errors import AdapterJaxError, DataError, NonFiniteLoss, Preempted
+from adapter_jax.lock import LEASE_SECONDS, WorkdirLock
 from adapter_jax.results import RunResult
 from adapter_jax.workdir import (
     SweepDir,
     Workdir,
-    WorkdirLock,
     is_primary_process,
     read_json,
     write_atomic,
@@ -56,6 +56,8 @@ PREDICT_CHOICES = ("selected", "all", "none")
 flags.DEFINE_enum("predict_test", "selected", PREDICT_CHOICES,
                   "After the grid, write GLUE test predictions (for scripts.report's submission) of the runs the "
                   "report selects (the best on dev per task and method), of every run, or of none.")
+flags.DEFINE_integer("lock_lease_seconds", None, "The lease of the sweep's lock and its runs' locks (see "
+                     "lock.py); default: --config.lock_lease_seconds (120).", lower_bound=1)
 distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -111,7 +113,7 @@ def sweep(
     if predict_test not in PREDICT_CHOICES:
         raise ValueError(f"predict_test must be one of {PREDICT_CHOICES}, not {predict_test!r}")
     folder = SweepDir(workdir)
-    with WorkdirLock(folder.path):
+    with WorkdirLock(folder.path, base_config.get("lock_lease_seconds", LEASE_SECONDS)):
         records = Records(folder)
         results = _sweep(base_config, folder, runs, train_fn, records)
         if predict_test != "none":
@@ -254,6 +256,8 @@ def _write_jsonl(path: epath.Path, records: Sequence[dict[str, Any]]) -> None:
 def main(argv: list[str]) -> None:
     del argv
     cli.start(Workdir(FLAGS.workdir).log_file())
+    if FLAGS.lock_lease_seconds is not None:
+        FLAGS.config.lock_lease_seconds = FLAGS.lock_lease_seconds
     runs = list(
         grid(
             FLAGS.modes,

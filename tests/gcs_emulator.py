@@ -1,4 +1,4 @@
-"""Runs gcp-storage-emulator (same arguments as `python -m gcp_storage_emulator`) with two fixes, both to match
+"""Runs gcp-storage-emulator (same arguments as `python -m gcp_storage_emulator`) with three fixes, all to match
 what real Cloud Storage does and what the clients the project uses rely on.
 
 1. Real Cloud Storage sends an object's generation as the `x-goog-generation` header (and `x-goog-metageneration`)
@@ -11,8 +11,11 @@ what real Cloud Storage does and what the clients the project uses rely on.
    rename (epath's `rename`: the workdir lock's take-over); it answers 501, which gcsfs retries for half a minute
    before copying and deleting instead. Here it moves the object (a copy and a delete in the emulator's store).
 
-Its other gaps are left as they are; the one that matters here: preconditions (`ifGenerationMatch`,
-`ifGenerationNotMatch`) are ignored, which only one writer per object (as in these tests) does not notice.
+3. The emulator ignores preconditions; real Cloud Storage answers 412 to an upload or a delete whose
+   `ifGenerationMatch` is not the object's generation (0: the object must not exist). The workdir lock's lease
+   relies on them (two starters taking over one lock: one wins). Here uploads and deletes check it.
+
+Its other gaps are left as they are.
 
 And one instrument, for tests that must know who wrote what (one writer per file on a pod), whichever client
 library wrote it (gcsfs, google-cloud-storage, tensorstore): `--client-ports=P,Q` serves the same bucket on more
@@ -60,8 +63,33 @@ def _move(request, response, storage, *args, **kwargs):
     response.json(moved)
 
 
+def _with_generation_precondition(handler):
+    """Answers 412 where `ifGenerationMatch` is not the object's generation (0 where there is none)."""
+
+    @functools.wraps(handler)
+    def wrapped(request, response, storage, *args, **kwargs):
+        expected = request.query.get("ifGenerationMatch")
+        if expected:
+            object_id = request.params.get("object_id") or (request.query.get("name") or [None])[0]
+            if object_id is None and isinstance(request.data, dict):  # a multipart upload names it in its metadata
+                object_id = request.data["meta"].get("name")
+            try:
+                generation = int(storage.get_file_obj(request.params["bucket_name"], object_id)["generation"])
+            except NotFound:
+                generation = 0
+            if generation != int(expected[0]):
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                response.json({"error": {"code": 412, "message": "conditionNotMet"}})
+                return
+        handler(request, response, storage, *args, **kwargs)
+
+    return wrapped
+
+
 # Before the server module is imported: its routing table holds the handler functions themselves.
 objects.download = _with_generation_headers(objects.download)
+objects.insert = _with_generation_precondition(objects.insert)
+objects.delete = _with_generation_precondition(objects.delete)
 assert "gcp_storage_emulator.server" not in sys.modules
 
 from gcp_storage_emulator import server, settings  # after the patch above

@@ -57,3 +57,22 @@ def test_a_bucket_workdir_trains_resumes_predicts_and_reports(
     assert (sweep_path / "upload" / "RTE.tsv").read_text() == (workdir / "submission" / "RTE.tsv").read_text()
     assert not Workdir(workdir).lock.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["train.log"]
+
+
+def test_a_bucket_glue_folder_reads_as_the_local_one_for_us_and_for_the_peer(gcs_env, tiny_glue_dir, tmp_path):
+    from adapter_jax import glue_data, reference, tasks
+
+    bucket_glue = epath.Path(f"gs://{GCS_BUCKET}/{tmp_path.name}/glue")
+    for path in (tiny_glue_dir / "RTE").iterdir():
+        (bucket_glue / "RTE" / path.name).write_text(path.read_text())
+    rte = tasks.get_task("rte")
+    for split in ("train", "dev", "test"):
+        assert (glue_data.read_examples(rte, split, glue_dir=str(bucket_glue))
+                == glue_data.read_examples(rte, split, glue_dir=tiny_glue_dir))
+    # The peer (PyTorch) reads a local copy: whole, or the subset our max_train_examples picks.
+    for size in (0, 10):
+        folder = reference.subset_folder(rte, str(bucket_glue), size, tmp_path / f"peer{size}")
+        assert folder.is_relative_to(tmp_path)
+        local = reference.subset_folder(rte, str(tiny_glue_dir), size, tmp_path / f"local{size}")
+        for name in ("train.tsv", "dev.tsv"):
+            assert (folder / name).read_text() == (local / name).read_text(), (size, name)

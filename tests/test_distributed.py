@@ -3,9 +3,16 @@ gloo CPU collectives) running the real sweep into one shared workdir: a local fo
 Storage emulator (conftest.gcs_emulator), as on a Cloud TPU pod."""
 
 import collections
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import time
+from unittest import mock
 
+import fsspec.config
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -17,7 +24,8 @@ from adapter_jax import distributed
 from adapter_jax.errors import ConfigError
 from adapter_jax.history import read_history
 from adapter_jax.workdir import Workdir
-from tests.conftest import GCS_BUCKET, free_port
+from tests import conftest
+from tests.conftest import GCS_BUCKET, REPO_ROOT, free_port
 from tests.test_cli_robustness import RUN, _command, _start, _wait_for
 
 GRID = ["--modes=adapters", "--learning_rates=0.01", "--epochs=1", "--adapter_sizes=8", "--seeds=0"]
@@ -140,3 +148,87 @@ def test_when_a_process_of_a_pod_dies_the_other_stops_with_an_error_and_both_res
     assert not Workdir(workdir).lock.exists()
     local = {p.name for p in [*tmp_path.iterdir(), *(tmp_path / "rerun").iterdir()]}
     assert not local & {"gs:", "gs"}, local  # a gs:// path taken for a local one would appear there
+
+
+def _pod_of_main(workdir, model_dir, glue_dir, logs, *extra, process_envs=({}, {}), **faults):
+    """adapter_jax.main as two processes of one run (2 fake CPU devices each), run from `logs`."""
+    command = _command("adapter_jax.main", workdir, model_dir, glue_dir, *extra)
+    address = f"--coordinator_address=localhost:{free_port()}"
+    return [
+        _start([*command, address, "--num_processes=2", f"--process_id={index}"], logs / f"process{index}.log",
+               cwd=logs, **{**faults, **process_envs[index]})
+        for index in range(2)
+    ]
+
+
+@pytest.mark.slow  # a run, then a two-process pod, in subprocesses
+def test_a_pod_whose_latest_checkpoint_is_damaged_falls_back_to_the_same_step_on_every_process(
+    tiny_model_dir, tiny_glue_dir, tmp_path
+):
+    workdir = tmp_path / "run"
+    first = _start(_command("adapter_jax.main", workdir, tiny_model_dir, tiny_glue_dir), tmp_path / "first.log",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    first.wait(timeout=600)
+    assert first.returncode == 0, first.log_path.read_text()
+    (workdir / "summary.json").unlink()
+    for path in (workdir / "checkpoints" / "4" / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 100:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    pod = _pod_of_main(workdir, tiny_model_dir, tiny_glue_dir, tmp_path)
+    for process in pod:
+        process.wait(timeout=600)
+        assert process.returncode == 0, process.log_path.read_text()
+        output = process.log_path.read_text()
+        assert "Resumed from" in output and "at step 2." in output, output
+        assert "tensorstore_spec" not in output, output  # the full error is in the log file alone
+    assert re.search(r"cannot read the state of checkpoint step 4 in .*; falling back to step 2 \(details in the log "
+                     r"file\)\n", pod[0].log_path.read_text())
+    assert [p.name.split("-")[0] for p in (workdir / "corrupt_checkpoints").iterdir()] == ["4"]
+    assert (workdir / "summary.json").exists()
+    assert [r["step"] for r in read_history(workdir) if "train/loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow  # a two-process pod and a storage emulator of its own, in subprocesses
+def test_a_pod_whose_bucket_stops_answering_ends_with_an_error_within_the_storage_deadline(
+    tiny_model_dir, tiny_glue_dir, tmp_path
+):
+    port = free_port()
+    emulator = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "tests" / "gcs_emulator.py"), "start", "--host=localhost", f"--port={port}",
+         "--in-memory", f"--default-bucket={GCS_BUCKET}", "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not _listens(port):
+            assert emulator.poll() is None, "the Cloud Storage emulator did not start"
+            time.sleep(0.1)
+        deadline_minutes = 0.3
+        workdir = epath.Path(f"gs://{GCS_BUCKET}/run")
+        env = conftest._environment(f"http://localhost:{port}")
+        pod = _pod_of_main(workdir, tiny_model_dir, tiny_glue_dir, tmp_path,
+                           f"--config.storage_deadline_minutes={deadline_minutes}", SLOW_STEPS=0.5, **env)
+        step_2 = workdir / "checkpoints" / "2"
+        with mock.patch.dict(os.environ, env), mock.patch.dict(fsspec.config.conf, {"gcs": {"token": "anon", "use_listings_cache": False}}):
+            _wait_for(lambda: step_2.exists() and ocp.step.is_checkpoint_finalized(step_2), pod[0])
+        emulator.send_signal(signal.SIGSTOP)  # every request from now on waits for an answer that never comes
+        stopped = time.time()
+        for process in pod:
+            process.wait(timeout=deadline_minutes * 60 + 120)
+            assert process.returncode == 1, process.log_path.read_text()
+        assert time.time() - stopped < deadline_minutes * 60 + 60
+        for process in pod:  # process 0 was writing the export, process 1 its part of the checkpoint
+            output = process.log_path.read_text()
+            assert re.search(rf"error: [a-z ]+ {workdir}/\S+ did not finish within {deadline_minutes} minutes "
+                             r"\(config.storage_deadline_minutes\)", output), output
+    finally:
+        emulator.send_signal(signal.SIGCONT)
+        emulator.kill()
+        emulator.wait()
+
+
+def _listens(port: int) -> bool:
+    try:
+        socket.create_connection(("localhost", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
