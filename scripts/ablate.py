@@ -143,7 +143,7 @@ class Ablator:
         self.num_layers = experiment.bert_config.num_hidden_layers
         self._dataset = dataset
         self._evaluator = evaluation.Evaluator(experiment, config)
-        self._frozen = steps.replicate(experiment.frozen_params)
+        self._frozen = steps.replicate_frozen(experiment.frozen_params, config.dtype)
         self._trained = steps.replicate(experiment.trainable_params)
         self._removed = steps.replicate(remove_adapters(experiment.trainable_params, range(self.num_layers)))
 
