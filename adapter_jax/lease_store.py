@@ -1,14 +1,15 @@
 """Where a workdir lock's record lives: one small file, read and replaced only if it is still the version one
-read, so that of two runs taking over a stale lock one wins. A local file is compared by its content (renamed
-away, then created exclusively); a gs:// object by its generation, through Cloud Storage's preconditions, which
+read, so that of two runs taking over a stale lock one wins. A local file is compared by its content, under a flock
+of its folder; a gs:// object by its generation, through Cloud Storage's preconditions, which
 gcsfs (epath) does not expose for a replacement; google-cloud-storage, a dependency of gcsfs, does.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import os
-import pathlib
 import time
-import uuid
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from etils import epath
@@ -38,6 +39,10 @@ def store_for(path: epath.Path) -> LeaseStore:
 
 
 class _FileStore:
+    """A local record: each read-compare-write holds an exclusive flock on the record's folder (held per open file,
+    so it also keeps apart the threads of one process), and writes the record whole, so a reader never sees a
+    part of one."""
+
     def __init__(self, path: epath.Path):
         self.path = path
 
@@ -50,42 +55,36 @@ class _FileStore:
             return None
 
     def create(self, text: str) -> str | None:
-        try:
-            with open(os.fspath(self.path), "x", encoding="utf-8") as f:  # the OS creates exclusively; epath cannot
-                f.write(text)
-        except FileExistsError:
-            return None
+        with self._folder_locked():
+            if self.path.exists():
+                return None
+            write_atomic(self.path, text)
         return text
 
     def replace(self, text: str, version: str) -> str | None:
-        """A take-over renames the record away first (of two renames one fails), then creates it exclusively."""
-        aside = pathlib.Path(self.path).with_name(f".{self.path.name}.{uuid.uuid4().hex}")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return None
-        try:
-            if aside.read_text(encoding="utf-8", errors="replace") != version:
-                os.link(aside, self.path)  # another run's newer record: put back unless a third made one
+        with self._folder_locked():
+            current = self.read()
+            if current is None or current.version != version:
                 return None
-        except FileExistsError:
-            return None
-        finally:
-            aside.unlink(missing_ok=True)
-        return self.create(text)
-
-    def renew(self, text: str, version: str) -> str | None:
-        """The holder's own update: written whole (no moment without a record), if the record is still its own."""
-        current = self.read()
-        if current is None or current.version != version:
-            return None
-        write_atomic(self.path, text)
+            write_atomic(self.path, text)
         return text
 
+    renew = replace  # a local write raises OSError itself
+
     def delete(self, version: str) -> None:
-        current = self.read()
-        if current is not None and current.version == version:
-            self.path.unlink(missing_ok=True)
+        with self._folder_locked():
+            current = self.read()
+            if current is not None and current.version == version:
+                self.path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _folder_locked(self) -> Iterator[None]:
+        folder = os.open(os.fspath(self.path.parent), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(folder)  # releases the flock
 
 
 class _ObjectStore:
