@@ -5,6 +5,7 @@ turns them into batches.
 """
 
 import dataclasses
+import io
 import math
 import os
 
@@ -58,9 +59,10 @@ def _read_tsv(task: Task, split: str, glue_dir: epath.Path) -> list[Example]:
             f"GLUE {what} for task {task.name!r} (split {split!r}) not found: expected {path}"
         )
     # GLUE files hold quote characters inside fields (QNLI), so no CSV parser: split on "\n"
-    # and "\t" only. utf-8-sig drops the byte-order mark some MRPC copies start with.
+    # and "\t" only, after universal newlines. utf-8-sig drops the byte-order mark some MRPC copies
+    # start with (decoded here: epath's read_text ignores its encoding argument).
     try:
-        lines = path.read_text(encoding="utf-8-sig").split("\n")
+        lines = io.TextIOWrapper(io.BytesIO(path.read_bytes()), encoding="utf-8-sig").read().split("\n")
     except UnicodeDecodeError as e:
         raise errors.DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if lines[-1] == "":
