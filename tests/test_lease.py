@@ -82,32 +82,38 @@ def test_lock_metadata_of_the_wrong_type_is_one_line_naming_file_and_key(tmp_pat
     assert "delete" in message
 
 
+def _race_four_starters(workdir: epath.Path) -> tuple[list, list, list]:
+    """Four threads, each a starter of its own, enter the lock at once: (won, refused, failed)."""
+    start, won, refused, failed = threading.Barrier(4), [], [], []
+
+    def starter():
+        lock = WorkdirLock(workdir)
+        start.wait()
+        try:
+            lock.__enter__()
+        except WorkdirInUse:
+            refused.append(lock)
+            return
+        except Exception as e:  # noqa: BLE001 -- any other error is the failure to show
+            failed.append(e)
+            return
+        won.append(lock)
+
+    threads = [threading.Thread(target=starter) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return won, refused, failed
+
+
 def test_of_starters_racing_for_a_stale_lock_exactly_one_wins(workdir):
-    """Threads, each a starter of its own (a pod of hosts would be processes; the race is the same). The race is
-    run several times: a wrong store lets two win, or one read a record half written, only in some of them."""
+    """A pod of hosts would race as processes; threads race the same way. The race is run several times: a wrong
+    store lets two win, or one read a record half written, only in some of them."""
     rounds = 10 if workdir.as_posix().startswith("/") else 2  # the emulator answers slowly
     for _ in range(rounds):
         _write_lock(workdir, _lock_record(heartbeat_age=500))
-        start, won, refused, failed = threading.Barrier(4), [], [], []
-
-        def starter():
-            lock = WorkdirLock(workdir)
-            start.wait()
-            try:
-                lock.__enter__()
-            except WorkdirInUse:
-                refused.append(lock)
-                return
-            except Exception as e:  # noqa: BLE001 -- any other error is the failure to show
-                failed.append(e)
-                return
-            won.append(lock)
-
-        threads = [threading.Thread(target=starter) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        won, refused, failed = _race_four_starters(workdir)
         assert (len(won), len(refused), failed) == (1, 3, [])
         holder = json.loads(Workdir(workdir).lock.read_text())
         won[0].__exit__()
