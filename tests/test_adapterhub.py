@@ -157,18 +157,20 @@ def _logits(config, export_path) -> tuple[np.ndarray, object]:
     return logits, dataset
 
 
-@pytest.mark.slow  # trains a full run and loads it in transformers
-def test_full_run_exports_as_a_transformers_folder_with_equal_logits(tiny_config, tmp_path):
+@pytest.mark.slow  # trains a tiny run per mode and loads it in transformers
+@pytest.mark.parametrize("mode", ["full", "top_k", "layernorm"])
+def test_run_without_adapters_exports_as_a_transformers_folder_with_equal_logits(tiny_config, tmp_path, mode):
     import torch
     import transformers
 
     from adapter_jax import train
 
-    tiny_config.mode = "full"
+    tiny_config.mode = mode
+    tiny_config.top_k = 1
     tiny_config.num_train_steps = 2
     train.train_and_evaluate(tiny_config, tmp_path / "run")
     ours, dataset = _logits(tiny_config, tmp_path / "run")
-    with pytest.raises(SystemExit):  # a full run has no adapters for AdapterHub
+    with pytest.raises(SystemExit):  # a run without adapters has nothing for AdapterHub
         to_adapterhub.main([f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'x'}", "--format=adapterhub"])
     to_adapterhub.main([f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'hf'}", "--format=hf"])
     model = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
@@ -178,7 +180,7 @@ def test_full_run_exports_as_a_transformers_folder_with_equal_logits(tiny_config
         theirs = model(input_ids=torch.from_numpy(dataset.input_ids).long(),
                        token_type_ids=torch.from_numpy(dataset.token_type_ids).long(),
                        attention_mask=torch.from_numpy(mask).long()).logits.numpy()
-    print(f"\nfull run -> transformers: max abs logit difference {np.abs(theirs - ours).max():.2g}", file=sys.stderr)
+    print(f"\n{mode} run -> transformers: max abs logit difference {np.abs(theirs - ours).max():.2g}", file=sys.stderr)
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
 
 
