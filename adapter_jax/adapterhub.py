@@ -9,6 +9,7 @@ parameters and AdapterHub's tensors; `write_folder` and `read_folder` are its fi
 """
 
 import dataclasses
+import io
 import json
 import pathlib
 import re
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import safetensors
 import safetensors.numpy
+from etils import epath
 from flax import traverse_util
 
 from adapter_jax import adapters, tasks, weights
@@ -293,9 +295,10 @@ def write_folder(hub: HubAdapter, out_dir: pathlib.Path, *, use_torch: bool) -> 
     return files
 
 
-def read_folder(folder: pathlib.Path) -> HubAdapter:
-    """An AdapterHub adapter folder (`save_adapter`'s files, either kind) with its head and our side file if
-    there; CheckpointError names a file that is missing or unreadable."""
+def read_folder(folder: epath.PathLike) -> HubAdapter:
+    """An AdapterHub adapter folder (`save_adapter`'s files, either kind; local or gs://) with its head and our
+    side file if there; CheckpointError names a file that is missing or unreadable."""
+    folder = epath.Path(folder)
     configs = []
     for name in (ADAPTER_CONFIG_FILE, HEAD_CONFIG_FILE):
         try:
@@ -310,14 +313,15 @@ def read_folder(folder: pathlib.Path) -> HubAdapter:
     return HubAdapter(configs[0], configs[1], adapter, head, side)
 
 
-def _read_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_tensors(path: epath.Path) -> dict[str, np.ndarray]:
     try:
         if path.suffix == ".safetensors":
-            return safetensors.numpy.load_file(path)
+            return safetensors.numpy.load(path.read_bytes())
         import torch
 
         # weights_only: unpickling a downloaded adapter must not run code.
-        return {key: value.float().numpy() for key, value in torch.load(path, weights_only=True).items()}
+        pickled = io.BytesIO(path.read_bytes())
+        return {key: value.float().numpy() for key, value in torch.load(pickled, weights_only=True).items()}
     except ImportError as e:
         raise CheckpointError(f"{path} is a PyTorch file and torch is not installed") from e
     except Exception as e:  # torch and safetensors raise many types for a damaged or missing file

@@ -8,11 +8,11 @@ non_linearity="gelu" and the other fields at their defaults (Pfeiffer placement,
 gating, phm, ... are refused, naming the field), and the head a 2-layer tanh classification head on [CLS]. The side
 file trained_base_weights.safetensors, where present (scripts/to_adapterhub.py writes it), brings the trained
 LayerNorms. Task, base model and sequence length come from adapter-jax's own metadata in adapter_config.json when it
-is there (an adapter exported from here), else from the flags, the adapter's name and its model_name.
+is there (an adapter exported from here), else from the flags, the adapter's name and its model_name. Either
+folder may be in a bucket (gs://).
 """
 
 import argparse
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,9 +34,10 @@ def _task(given: str | None, metadata: Mapping[str, Any], adapter_config: Mappin
     return name
 
 
-def convert(folder: pathlib.Path, out_dir: epath.PathLike, *, task: str | None = None, model: str | None = None,
+def convert(folder: epath.PathLike, out_dir: epath.PathLike, *, task: str | None = None, model: str | None = None,
             max_seq_length: int | None = None) -> epath.Path:
     """Writes the AdapterHub adapter in `folder` as `<out_dir>/adapters.safetensors`; returns that file."""
+    folder = epath.Path(folder)
     hub = adapterhub.read_folder(folder)
     metadata = hub.adapter_config.get(adapterhub.METADATA_KEY) or {}
     model = model or metadata.get("model") or hub.adapter_config.get("model_name")
@@ -51,7 +52,7 @@ def convert(folder: pathlib.Path, out_dir: epath.PathLike, *, task: str | None =
         base_params=base, hidden_size=bert_config.hidden_size, num_layers=bert_config.num_hidden_layers,
     )
     fingerprint = weights.fingerprint(base)
-    export.check_fits(Export(params, spec, fingerprint, epath.Path(folder)), model=model,
+    export.check_fits(Export(params, spec, fingerprint, folder), model=model,
                       base_fingerprint=fingerprint, bert_config=bert_config)
     bert = metadata.get("bert_config") or bert_config.to_dict()
     return export.write(out_dir, params, export.metadata_of(spec, fingerprint, bert))
@@ -61,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> epath.Path:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    parser.add_argument("--adapter", type=cli.absolute_path, required=True, help="the AdapterHub adapter's folder")
+    parser.add_argument("--adapter", type=cli.absolute_path, required=True, help="the AdapterHub adapter's folder (local or gs://)")
     parser.add_argument("--out", type=cli.absolute_path, required=True,
                         help="the export folder to write (adapters.safetensors there); <workdir>/export to predict")
     parser.add_argument("--task", choices=sorted(tasks.GLUE_TASKS), help="the GLUE task (default: the adapter's)")
@@ -69,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> epath.Path:
     parser.add_argument("--max_seq_length", type=int, help=f"default: the adapter's, else {DEFAULT_MAX_SEQ_LENGTH}")
     args = parser.parse_args(argv)
     with cli.exit_codes(OSError):
-        path = convert(pathlib.Path(args.adapter), args.out, task=args.task, model=args.model,
+        path = convert(args.adapter, args.out, task=args.task, model=args.model,
                        max_seq_length=args.max_seq_length)
     print(f"wrote {path}")
     return path

@@ -9,13 +9,16 @@ model_head.safetensors, loaded with use_safetensors=True). Base-model weights th
 Houlsby adapters, a trained pooler) go to trained_base_weights.safetensors beside them, and README.md there gives the
 PyTorch lines that load both. `--format=hf` (modes full, top_k, layernorm) writes a BertForSequenceClassification
 folder that transformers loads as it is. The base model is the export's own (--model names another folder holding
-the same weights).
+the same weights). The run may be in a bucket (--workdir=gs://...); the folder is written locally, where PyTorch
+loads it.
 """
 
 import argparse
 import pathlib
 import sys
 from collections.abc import Sequence
+
+from etils import epath
 
 from adapter_jax import adapterhub, cli, export, tasks, trainable, weights
 from adapter_jax.errors import CheckpointError
@@ -63,9 +66,10 @@ def readme(hub: adapterhub.HubAdapter, folder: pathlib.Path, base: pathlib.Path,
             f"Examples were tokenized as BERT sentence pairs truncated to {max_seq_length} tokens.\n\n{lines}\n")
 
 
-def convert(path: pathlib.Path, out_dir: pathlib.Path, *, name: str | None = None, output_format: str = "adapterhub",
+def convert(path: epath.PathLike, out_dir: pathlib.Path, *, name: str | None = None, output_format: str = "adapterhub",
             model: str | None = None, use_torch: bool | None = None) -> list[pathlib.Path]:
-    """Writes the export at `path` (file, its folder or the run's workdir) to `out_dir`; returns the files written."""
+    """Writes the export at `path` (file, its folder or the run's workdir; local or gs://) to the local folder
+    `out_dir`; returns the files written."""
     exported = export.read(path)
     folder = weights.open_model_folder(model or exported.spec.model)
     bert_config, base = weights.load_pretrained(folder)
@@ -108,9 +112,9 @@ def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--workdir", type=cli.absolute_path, help="a finished run (holding export/)")
-    source.add_argument("--export", type=cli.absolute_path, help="an export file (adapters.safetensors)")
-    parser.add_argument("--out", type=cli.absolute_path, required=True, help="the folder to write")
+    source.add_argument("--workdir", type=cli.absolute_path, help="a finished run (holding export/); local or gs://")
+    source.add_argument("--export", type=cli.absolute_path, help="an export file (adapters.safetensors); local or gs://")
+    parser.add_argument("--out", type=cli.absolute_path, required=True, help="the local folder to write")
     parser.add_argument("--name", help="the adapter's name in AdapterHub (default: the task)")
     parser.add_argument("--format", choices=("adapterhub", "hf"), default="adapterhub",
                         help="adapterhub (adapters mode) or hf: a transformers model folder (full, top_k, layernorm)")
@@ -118,8 +122,12 @@ def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
     parser.add_argument("--safetensors", action="store_true",
                         help="safetensors weights even where torch is installed (load with use_safetensors=True)")
     args = parser.parse_args(argv)
+    if cli.is_remote(args.out):
+        # The folder's README gives load lines for this path, and PyTorch's loaders read local files.
+        parser.error(f"--out={args.out}: must be a local folder (load_adapter and from_pretrained read local "
+                     f"files); write it here, then copy it where it is needed")
     with cli.exit_codes(OSError):
-        files = convert(pathlib.Path(args.workdir or args.export), pathlib.Path(args.out), name=args.name,
+        files = convert(args.workdir or args.export, pathlib.Path(args.out), name=args.name,
                         output_format=args.format, model=args.model, use_torch=False if args.safetensors else None)
     print(f"wrote {len(files)} files to {args.out}")
     return files

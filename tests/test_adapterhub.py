@@ -56,13 +56,35 @@ def test_round_trip_is_bit_identical(trained_run, tmp_path):
     to_adapterhub.main([f"--workdir={trained_run.workdir}", f"--out={tmp_path / 'hub'}"])  # .bin: torch is here
     assert (tmp_path / "hub" / adapterhub.TORCH_FILES[0]).is_file()
     path = from_adapterhub.main([f"--adapter={tmp_path / 'hub'}", f"--out={tmp_path / 'back'}"])
-    original_params, original_settings = export.read_raw(trained_run.workdir)
+    _assert_bit_identical(path, trained_run.workdir)
+
+
+def _assert_bit_identical(path, original_path):
+    original_params, original_settings = export.read_raw(original_path)
     params, settings = export.read_raw(path)
     assert settings == original_settings
     original, back = _flat(original_params), _flat(params)
     assert back.keys() == original.keys()
     for key, value in original.items():
         assert back[key].tobytes() == value.tobytes(), key
+
+
+def test_round_trip_through_a_bucket_and_a_bucket_out_folder_refused(trained_run, gcs_env, tmp_path, capsys):
+    from conftest import GCS_BUCKET
+    from etils import epath
+
+    bucket = epath.Path(f"gs://{GCS_BUCKET}/{tmp_path.name}")
+    exported = bucket / "run" / export.EXPORT_FILE
+    exported.write_bytes(export.export_file(trained_run.workdir).read_bytes())
+    with pytest.raises(SystemExit) as exit_info:
+        to_adapterhub.main([f"--export={exported}", f"--out={bucket / 'hub'}"])
+    assert exit_info.value.code == 2 and "must be a local folder" in capsys.readouterr().err
+    to_adapterhub.main([f"--export={exported}", f"--out={tmp_path / 'hub'}"])
+    for local in (tmp_path / "hub").iterdir():
+        (bucket / "hub" / local.name).write_bytes(local.read_bytes())
+    path = from_adapterhub.main([f"--adapter={bucket / 'hub'}", f"--out={bucket / 'back'}"])
+    assert path.as_posix().startswith("gs://")
+    _assert_bit_identical(path, trained_run.workdir)
 
 
 def _hub_folder(trained_run, tmp_path) -> pathlib.Path:
