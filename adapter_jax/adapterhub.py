@@ -278,6 +278,10 @@ def write_folder(hub: HubAdapter, out_dir: pathlib.Path, *, use_torch: bool) -> 
     """Writes `hub` as `save_adapter` would (torch pickles with `use_torch`, else safetensors files), the side
     file beside them when it holds anything; returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    # An earlier conversion's weights of the other kind, or its side file, would be loaded instead of (or beside)
+    # what is written now: `read_folder` and AdapterHub itself take .bin before .safetensors.
+    for name in (*(SAFETENSORS_FILES if use_torch else TORCH_FILES), *(() if hub.side else (SIDE_FILE,))):
+        (out_dir / name).unlink(missing_ok=True)
     files = [out_dir / ADAPTER_CONFIG_FILE, out_dir / HEAD_CONFIG_FILE]
     for path, config in zip(files, (hub.adapter_config, hub.head_config), strict=True):
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -134,7 +134,7 @@ def test_export_refuses_a_size_adapterhub_would_round_differently():
 
 
 def test_frozen_layernorms_train_nothing_of_the_base_and_convert_with_no_side_file(
-    tiny_config, tmp_path, capsys
+    tiny_config, trained_run, tmp_path, capsys
 ):
     from adapter_jax import train
 
@@ -145,8 +145,11 @@ def test_frozen_layernorms_train_nothing_of_the_base_and_convert_with_no_side_fi
     assert exported.spec.houlsby_layernorms is False
     assert not [path for path in _flat(exported.params) if "LayerNorm" in path]
     out = tmp_path / "hub"
-    to_adapterhub.main([f"--workdir={tmp_path / 'run'}", f"--out={out}"])
+    to_adapterhub.main([f"--workdir={trained_run.workdir}", f"--out={out}"])  # .bin files and a side file
+    capsys.readouterr()
+    to_adapterhub.main([f"--workdir={tmp_path / 'run'}", f"--out={out}", "--safetensors"])  # over them
     assert not (out / adapterhub.SIDE_FILE).exists() and "note:" not in capsys.readouterr().err
+    assert not [name for name in adapterhub.TORCH_FILES if (out / name).exists()]
     back = from_adapterhub.main([f"--adapter={out}", f"--out={tmp_path / 'back'}"])
     assert export.read(back).spec == exported.spec
     # The imported export serves from an adapter bank as it predicts alone.
