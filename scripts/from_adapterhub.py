@@ -62,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> epath.Path:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    parser.add_argument("--adapter", type=cli.absolute_path, required=True, help="the AdapterHub adapter's folder (local or gs://)")
+    parser.add_argument("--adapter", type=cli.absolute_path, required=True,
+                        help="the AdapterHub adapter's folder (local or gs://)")
     parser.add_argument("--out", type=cli.absolute_path, required=True,
                         help="the export folder to write (adapters.safetensors there); <workdir>/export to predict")
     parser.add_argument("--task", choices=sorted(tasks.GLUE_TASKS), help="the GLUE task (default: the adapter's)")

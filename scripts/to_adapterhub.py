@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", type=cli.absolute_path, help="a finished run (holding export/); local or gs://")
-    source.add_argument("--export", type=cli.absolute_path, help="an export file (adapters.safetensors); local or gs://")
+    source.add_argument("--export", type=cli.absolute_path,
+                        help="an export file (adapters.safetensors); local or gs://")
     parser.add_argument("--out", type=cli.absolute_path, required=True, help="the local folder to write")
     parser.add_argument("--name", help="the adapter's name in AdapterHub (default: the task)")
     parser.add_argument("--format", choices=("adapterhub", "hf"), default="adapterhub",
